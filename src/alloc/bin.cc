@@ -1,0 +1,102 @@
+// Bins: per size class, the spans that have free objects, behind one lock.
+// Threads come here only in batches (refill, flush), so the lock is taken
+// once per several dozen malloc/free calls, never on the fast path.
+#include "heap.h"
+#include "os.h"
+
+namespace ebb {
+
+Bin g_bins[kNumClasses + 1];
+
+namespace {
+
+void list_push(Bin& b, Span* s) {
+  s->prev = nullptr;
+  s->next = b.head;
+  if (b.head != nullptr) b.head->prev = s;
+  b.head = s;
+  s->in_list = true;
+}
+
+void list_remove(Bin& b, Span* s) {
+  if (s->prev != nullptr)
+    s->prev->next = s->next;
+  else
+    b.head = s->next;
+  if (s->next != nullptr) s->next->prev = s->prev;
+  s->next = s->prev = nullptr;
+  s->in_list = false;
+}
+
+}  // namespace
+
+uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head) {
+  Bin& b = g_bins[cls];
+  uint32_t got = 0;
+  LockGuard guard(b.lock);
+  while (got < want) {
+    Span* s = b.head;
+    if (s == nullptr) {
+      s = segment_alloc_span(kClasses[cls].slices);
+      if (s == nullptr) break;
+      span_init(s, cls);
+      list_push(b, s);
+      b.spans++;
+    }
+    got += span_take(s, want - got, head);
+    if (s->full()) list_remove(b, s);
+  }
+  b.out += got;
+  return got;
+}
+
+void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
+  Bin& b = g_bins[cls];
+  const auto now = static_cast<uint32_t>(os::now_ms());
+  {
+    LockGuard guard(b.lock);
+    while (head != nullptr) {
+      FreeObj* o = head;
+      head = o->next;
+      auto* h = reinterpret_cast<SegmentHeader*>(reinterpret_cast<uintptr_t>(o) & ~kSegmentMask);
+      Span* s = span_of(h, o);
+      o->next = s->free;
+      s->free = o;
+      s->nfree++;
+      s->used--;
+      s->touched = now;
+      s->dirty = true;
+      if (!s->in_list) list_push(b, s);
+    }
+    b.out -= n;
+  }
+  purge_notify();
+}
+
+size_t bins_purge(uint64_t now, bool force, bool* pending) {
+  size_t bytes = 0;
+  const uint32_t delay = g_options.purge_delay_ms;
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) {
+    Bin& b = g_bins[cls];
+    LockGuard guard(b.lock);
+    for (Span* s = b.head; s != nullptr;) {
+      Span* next = s->next;
+      if (s->dirty) {
+        if (force || static_cast<uint32_t>(now) - s->touched >= delay) {
+          bytes += span_purge(s);
+          if (s->used == 0) {
+            list_remove(b, s);
+            b.spans--;
+            segment_free_span(s);
+          }
+        } else {
+          *pending = true;
+        }
+      }
+      s = next;
+    }
+  }
+  return bytes;
+}
+
+}  // namespace ebb

@@ -1,0 +1,192 @@
+// libebb's internal structures and the functions that connect them.
+//
+//   thread cache (tcache.cc)   per thread, per class: a short free list; no locks.
+//        | refill / flush in batches
+//   bins (bin.cc)              per class: a lock and the spans that have free objects.
+//        | spans
+//   spans (span.cc)            objects of one class in 64 KiB..1 MiB; purge free pages.
+//        | slices
+//   segments (segment.cc)      4 MiB aligned mappings cut into 64 KiB slices.
+//   large (large.cc)           objects > 128 KiB: a mapping each, small cache.
+//   purger (purge.cc)          background thread: gives idle free pages back.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include "config.h"
+#include "lock.h"
+#include "size_class.h"
+
+namespace ebb {
+
+// A free object's first 16 bytes: the list link and a key marking it free,
+// so a second free of the same object can be recognised cheaply.
+struct FreeObj {
+  FreeObj* next;
+  uint64_t key;
+};
+
+struct Span {
+  FreeObj* free;      // objects given back to this span (not counting parked ones)
+  uint8_t* start;
+  Span* next;         // in the bin's list of spans with free objects
+  Span* prev;
+  uint32_t used;      // objects out: with the program or in a thread cache
+  uint32_t bump;      // objects carved so far; slots [bump, capacity) were never touched
+  uint32_t nfree;     // length of `free`
+  uint32_t parked;    // free objects kept out of `free` because they overlap purged pages
+  uint32_t touched;   // low 32 bits of now_ms() when objects last came back (decay clock)
+  uint16_t cls;       // size class; 0 while the slices are not a span
+  uint16_t nslices;
+  bool in_list;       // in the bin's list
+  bool dirty;         // objects came back since the last purge
+  uint64_t purged[kMaxSpanPages / 64];  // pages given back to the OS while the span lives
+
+  size_t bytes() const { return size_t{nslices} << kSliceShift; }
+  bool full() const { return nfree == 0 && parked == 0 && bump == kClasses[cls].capacity; }
+};
+
+enum SegmentKind : uint32_t { kSmallSegment = 1, kLargeSegment = 2 };
+constexpr uint64_t kSegmentMagic = 0x65626273656730ull;  // "ebbseg0"
+
+// Common to both kinds, at the very start of the mapping.
+struct SegmentHeader {
+  uint64_t magic;
+  SegmentKind kind;
+  uint32_t large_state;  // large: 1 live, 2 cached
+  size_t map_size;       // bytes mapped from the segment start
+  size_t offset;         // large: the object starts at segment + offset
+  size_t request;        // large: bytes asked for (for stats)
+};
+
+struct Segment {
+  SegmentHeader h;
+  Segment* next;  // all small segments, oldest first
+  Segment* prev;
+  uint64_t free_slices;  // bit i: slice i belongs to no span (and is not resident)
+  uint32_t empty_since;  // now_ms() when the last span left (all slices free)
+  Span* slice_span[kSlicesPerSegment];  // the span covering each slice
+  Span spans[kSlicesPerSegment];        // the descriptor of the span starting at slice i
+};
+static_assert(sizeof(Segment) <= kSliceSize * kFirstSpanSlice, "segment header must fit its slices");
+
+struct Bin {
+  Lock lock;
+  Span* head = nullptr;  // spans with free objects
+  uint64_t out = 0;      // objects handed to threads (live or thread-cached)
+  uint32_t spans = 0;    // spans of this class
+} __attribute__((aligned(64)));
+
+// ---- global state -----------------------------------------------------------
+struct Counters {
+  std::atomic<uint64_t> mapped{0};         // bytes mapped (segments + large)
+  std::atomic<uint64_t> purged_total{0};   // bytes given back with madvise, ever
+  std::atomic<uint64_t> purge_calls{0};    // madvise calls
+  std::atomic<uint64_t> unmapped_total{0}; // bytes given back with munmap, ever
+  std::atomic<uint64_t> large_live{0};     // bytes of live large objects (requested)
+  std::atomic<uint64_t> large_cached{0};   // bytes mapped by cached large blocks
+  std::atomic<uint64_t> segments{0};
+  std::atomic<uint64_t> released_allocs{0}; // allocations/bytes of exited threads
+  std::atomic<uint64_t> released_bytes{0};
+};
+
+extern Bin g_bins[kNumClasses + 1];
+extern Counters g_counters;
+extern uint64_t g_free_key;  // random; marks free objects
+
+// ---- init and options (init.cc, options.cc) ---------------------------------
+struct Options {
+  uint32_t purge_delay_ms = 250;   // EBB_PURGE_DELAY_MS: free pages idle this long go back
+  bool background = true;          // EBB_BACKGROUND=0: no purger thread (purge on activity only)
+  uint32_t tcache_bytes = 32768;   // EBB_TCACHE_BYTES: per class and thread (0: no thread cache)
+  uint32_t large_cache_mb = 32;    // EBB_LARGE_CACHE_MB: freed large blocks kept for reuse
+  bool verbose = false;            // EBB_VERBOSE=1: print the options at start
+};
+extern Options g_options;
+void options_load();
+void ensure_init();
+
+// ---- segments (segment.cc) --------------------------------------------------
+void registry_set(uintptr_t seg, bool on);
+bool registry_has(uintptr_t seg);
+// Large objects aligned to 4 MiB or more start a 4 MiB chunk themselves; their
+// header is the page before. A second registry marks those chunks.
+void registry_set_shifted(uintptr_t chunk, bool on);
+SegmentHeader* segment_of_shifted(const void* p);
+// The segment header for p if p lies inside memory libebb mapped, else nullptr.
+EBB_INLINE SegmentHeader* segment_of(const void* p) {
+  uintptr_t s = reinterpret_cast<uintptr_t>(p) & ~kSegmentMask;
+  if (EBB_UNLIKELY(!registry_has(s))) return segment_of_shifted(p);
+  auto* h = reinterpret_cast<SegmentHeader*>(s);
+  if (EBB_UNLIKELY(reinterpret_cast<uintptr_t>(p) - s >= h->map_size)) return nullptr;
+  return h;
+}
+Span* segment_alloc_span(unsigned nslices);  // clean (non-resident) slices
+void segment_free_span(Span* span);          // the span's pages must already be purged
+size_t segments_release(uint64_t now, bool force);
+extern Lock g_segment_lock;
+extern Segment* g_segments;
+
+// ---- spans (span.cc) --------------------------------------------------------
+void span_init(Span* s, unsigned cls);
+// Takes up to `want` objects into a list; returns how many.
+uint32_t span_take(Span* s, uint32_t want, FreeObj** head);
+// Gives pages that hold no live object back to the OS; returns bytes purged.
+size_t span_purge(Span* s);
+bool span_is_free_slot(Span* s, const void* p);  // for double-free reports (slow)
+size_t span_resident_pages(const Span* s);
+EBB_INLINE Span* span_of(SegmentHeader* h, const void* p) {
+  auto* seg = reinterpret_cast<Segment*>(h);
+  size_t slice = (reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(h)) >> kSliceShift;
+  return seg->slice_span[slice];
+}
+
+// ---- bins (bin.cc) ----------------------------------------------------------
+uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head);
+void bin_flush(unsigned cls, FreeObj* head, uint32_t n);
+size_t bins_purge(uint64_t now, bool force, bool* pending);
+
+// ---- large objects (large.cc) -----------------------------------------------
+void* large_alloc(size_t size, size_t align, bool zero);
+void large_free(SegmentHeader* h, void* p);
+void* large_realloc(SegmentHeader* h, void* p, size_t size);
+size_t large_usable(SegmentHeader* h, const void* p);
+size_t large_release(uint64_t now, bool force, bool* pending);
+extern Lock g_large_lock;
+
+// ---- thread caches (tcache.cc) ----------------------------------------------
+struct CacheBin {
+  FreeObj* head;
+  uint16_t count;
+  uint16_t max;
+};
+struct ThreadCache {
+  CacheBin bins[kNumClasses + 1];
+  uint64_t allocs;       // malloc-family calls served, for stats
+  uint64_t alloc_bytes;  // bytes requested
+  int state;             // 0 new, 1 active, 2 thread exiting: bypass the cache
+  ThreadCache* next;     // registry of live caches, for stats
+  ThreadCache* prev;
+};
+extern __thread ThreadCache t_cache __attribute__((tls_model("initial-exec")));
+void* tcache_alloc_slow(unsigned cls);
+void tcache_free_slow(unsigned cls, FreeObj* obj);
+void tcache_flush_all(ThreadCache* tc);
+extern Lock g_tcache_lock;
+extern ThreadCache* g_tcaches;
+
+// ---- purging (purge.cc) -----------------------------------------------------
+// Objects came back: make sure the purger will look within the delay (and
+// start it if this process has none yet). Cheap enough for every flush.
+void purge_notify();
+// One pass over everything that can hold free memory; `force` ignores the
+// delay. Sets *pending when something stays for a later pass. Returns bytes.
+size_t purge_all(bool force, bool* pending);
+void purger_after_fork_child();
+
+// ---- fork (fork.cc) ---------------------------------------------------------
+void fork_register();
+
+}  // namespace ebb

@@ -1,0 +1,216 @@
+// Large objects (> 128 KiB): each gets its own mapping, aligned like a segment
+// so free() finds its header by masking, with the object one page in.
+// Freed blocks wait in a small cache (bounded in count and bytes) for the
+// purge delay, so a program that allocates and frees big buffers in a loop
+// does not pay mmap + page faults every time; then they are unmapped.
+#include <errno.h>
+#include <sys/mman.h>
+
+#include <cstring>
+
+#include "heap.h"
+#include "os.h"
+
+namespace ebb {
+
+Lock g_large_lock;
+
+namespace {
+
+constexpr unsigned kCacheSlots = 8;
+struct CacheEntry {
+  SegmentHeader* seg;
+  uint32_t since;
+};
+CacheEntry g_cache[kCacheSlots];
+unsigned g_cached = 0;
+
+size_t round_page(size_t n) { return (n + kPageSize - 1) & ~(kPageSize - 1); }
+
+// Registers or unregisters a large block under the chunk free() will mask to.
+void register_block(SegmentHeader* h, bool on) {
+  auto at = reinterpret_cast<uintptr_t>(h);
+  if ((at & kSegmentMask) == 0)
+    registry_set(at, on);
+  else
+    registry_set_shifted(at + h->offset, on);
+}
+
+void unmap_block(SegmentHeader* h) {
+  size_t size = h->map_size;
+  register_block(h, false);
+  os::unmap(h, size);
+  g_counters.mapped.fetch_sub(size, std::memory_order_relaxed);
+  g_counters.unmapped_total.fetch_add(size, std::memory_order_relaxed);
+}
+
+// Best-fitting cached block of at least `need` bytes, trimmed to `need`.
+SegmentHeader* cache_take(size_t need) {
+  LockGuard guard(g_large_lock);
+  int best = -1;
+  for (unsigned i = 0; i < g_cached; i++)
+    if (g_cache[i].seg->map_size >= need && (best < 0 || g_cache[i].seg->map_size < g_cache[best].seg->map_size))
+      best = static_cast<int>(i);
+  if (best < 0) return nullptr;
+  SegmentHeader* h = g_cache[best].seg;
+  g_cache[best] = g_cache[--g_cached];
+  g_counters.large_cached.fetch_sub(h->map_size, std::memory_order_relaxed);
+  if (h->map_size > need) {
+    os::unmap(reinterpret_cast<char*>(h) + need, h->map_size - need);
+    g_counters.mapped.fetch_sub(h->map_size - need, std::memory_order_relaxed);
+    g_counters.unmapped_total.fetch_add(h->map_size - need, std::memory_order_relaxed);
+    h->map_size = need;
+  }
+  return h;
+}
+
+bool cache_put(SegmentHeader* h) {
+  const uint64_t limit = uint64_t{g_options.large_cache_mb} << 20;
+  LockGuard guard(g_large_lock);
+  if (g_cached == kCacheSlots || g_counters.large_cached.load(std::memory_order_relaxed) + h->map_size > limit)
+    return false;
+  h->large_state = 2;
+  g_cache[g_cached++] = {h, static_cast<uint32_t>(os::now_ms())};
+  g_counters.large_cached.fetch_add(h->map_size, std::memory_order_relaxed);
+  return true;
+}
+
+}  // namespace
+
+void* large_alloc(size_t size, size_t align, bool zero) {
+  ensure_init();
+  if (size > (PTRDIFF_MAX >> 1) || align > (PTRDIFF_MAX >> 2)) {
+    errno = ENOMEM;
+    return nullptr;
+  }
+  // The object sits `offset` into a segment-aligned mapping, after the header
+  // page. From 4 MiB alignment on it starts a chunk itself, and the mapping
+  // starts at its header, one page before ("shifted").
+  const bool shifted = align >= kSegmentSize;
+  const size_t offset = align > kPageSize && !shifted ? align : kPageSize;
+  const size_t need = round_page(offset + size);
+  SegmentHeader* h = shifted ? nullptr : cache_take(need);
+  const bool fresh = h == nullptr;
+  if (fresh) {
+    void* mem;
+    if (shifted) {
+      auto* base = static_cast<char*>(os::map_aligned(align + need - kPageSize, align));
+      mem = base == nullptr ? nullptr : base + align - kPageSize;
+      if (base != nullptr) os::unmap(base, align - kPageSize);
+    } else {
+      mem = os::map_aligned(need, kSegmentSize);
+    }
+    if (mem == nullptr) {
+      errno = ENOMEM;
+      return nullptr;
+    }
+    h = static_cast<SegmentHeader*>(mem);
+    h->magic = kSegmentMagic;
+    h->kind = kLargeSegment;
+    h->map_size = need;
+    h->offset = offset;
+    g_counters.mapped.fetch_add(need, std::memory_order_relaxed);
+    register_block(h, true);
+  }
+  h->offset = offset;
+  h->request = size;
+  h->large_state = 1;
+  g_counters.large_live.fetch_add(size, std::memory_order_relaxed);
+  void* p = reinterpret_cast<char*>(h) + offset;
+  if (zero && !fresh) memset(p, 0, size);
+  return p;
+}
+
+static void check_large_pointer(SegmentHeader* h, const void* p, const char* what) {
+  if (EBB_UNLIKELY(p != reinterpret_cast<char*>(h) + h->offset))
+    os::fatal_pointer(what, "invalid pointer", p);
+  if (EBB_UNLIKELY(h->large_state != 1)) os::fatal_pointer(what, "double free", p);
+}
+
+void large_free(SegmentHeader* h, void* p) {
+  check_large_pointer(h, p, "free");
+  g_counters.large_live.fetch_sub(h->request, std::memory_order_relaxed);
+  const bool shifted = (reinterpret_cast<uintptr_t>(h) & kSegmentMask) != 0;  // not reusable as-is
+  if (!shifted && cache_put(h)) {
+    purge_notify();
+    return;
+  }
+  unmap_block(h);
+}
+
+size_t large_usable(SegmentHeader* h, const void* p) {
+  if (p != reinterpret_cast<char*>(h) + h->offset || h->large_state != 1) return 0;
+  return h->map_size - h->offset;
+}
+
+void* large_realloc(SegmentHeader* h, void* p, size_t size) {
+  check_large_pointer(h, p, "realloc");
+  if (size > (PTRDIFF_MAX >> 1)) {
+    errno = ENOMEM;
+    return nullptr;
+  }
+  const size_t need = round_page(h->offset + size);
+  if (need <= h->map_size) {
+    // Shrink in place; give the tail back when it is worth a syscall.
+    if (h->map_size - need >= 16 * kPageSize) {
+      os::unmap(reinterpret_cast<char*>(h) + need, h->map_size - need);
+      g_counters.mapped.fetch_sub(h->map_size - need, std::memory_order_relaxed);
+      g_counters.unmapped_total.fetch_add(h->map_size - need, std::memory_order_relaxed);
+      h->map_size = need;
+    }
+    g_counters.large_live.fetch_add(size - h->request, std::memory_order_relaxed);
+    h->request = size;
+    return p;
+  }
+  // Grow: in place if the address space after us is free, else move the pages
+  // (no copy) to a new segment-aligned address with mremap.
+  const size_t old_size = h->map_size;
+  void* r = mremap(h, old_size, need, 0);
+  if (r == MAP_FAILED && (reinterpret_cast<uintptr_t>(h) & kSegmentMask) == 0) {
+    void* dest = os::map_aligned(need, kSegmentSize);
+    if (dest != nullptr) {
+      registry_set(reinterpret_cast<uintptr_t>(dest), true);
+      r = mremap(h, old_size, need, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
+      if (r == MAP_FAILED) {
+        registry_set(reinterpret_cast<uintptr_t>(dest), false);
+        os::unmap(dest, need);
+      } else {
+        registry_set(reinterpret_cast<uintptr_t>(h), false);
+      }
+    }
+  }
+  if (r == MAP_FAILED) {
+    // No room to grow or move the mapping: copy.
+    void* q = large_alloc(size, kMinAlign, false);
+    if (q == nullptr) return nullptr;
+    memcpy(q, p, h->map_size - h->offset);
+    large_free(h, p);
+    return q;
+  }
+  auto* nh = static_cast<SegmentHeader*>(r);
+  nh->map_size = need;
+  g_counters.mapped.fetch_add(need - old_size, std::memory_order_relaxed);
+  g_counters.large_live.fetch_add(size - nh->request, std::memory_order_relaxed);
+  nh->request = size;
+  return reinterpret_cast<char*>(nh) + nh->offset;
+}
+
+size_t large_release(uint64_t now, bool force, bool* pending) {
+  size_t bytes = 0;
+  LockGuard guard(g_large_lock);
+  for (unsigned i = 0; i < g_cached;) {
+    SegmentHeader* h = g_cache[i].seg;
+    if (force || static_cast<uint32_t>(now) - g_cache[i].since >= g_options.purge_delay_ms) {
+      g_counters.large_cached.fetch_sub(h->map_size, std::memory_order_relaxed);
+      bytes += h->map_size;
+      unmap_block(h);
+      g_cache[i] = g_cache[--g_cached];
+    } else {
+      *pending = true;
+      i++;
+    }
+  }
+  return bytes;
+}
+
+}  // namespace ebb

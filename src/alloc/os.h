@@ -1,0 +1,36 @@
+// Thin wrappers over the system calls libebb needs. Nothing here allocates.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace ebb::os {
+
+// Anonymous read-write mapping of `size` bytes whose start is a multiple of
+// `align` (a power of two >= the page size). nullptr when the OS refuses.
+void* map_aligned(size_t size, size_t align);
+void unmap(void* p, size_t size);
+// Gives pages back: the range reads as zeros afterwards. Returns false on error.
+bool decommit(void* p, size_t size);
+
+// Milliseconds of CLOCK_MONOTONIC (vDSO, no syscall).
+uint64_t now_ms();
+
+// Writes a message to stderr with write(2); no stdio, no allocation.
+void write_err(const char* s);
+// "ebb: <what>(): <why> 0x<addr>" then abort(). For heap corruption caught in the act.
+[[noreturn]] void fatal_pointer(const char* what, const char* why, const void* addr);
+[[noreturn]] void fatal(const char* msg);
+
+// Formats v as 0x-prefixed hex / decimal into buf (>= 24 bytes); returns buf.
+char* fmt_hex(char* buf, uintptr_t v);
+char* fmt_dec(char* buf, uint64_t v);
+
+// 64 random bits from the kernel (getrandom) or, failing that, from the clock.
+uint64_t random64();
+
+// Copies up to n bytes from src, stopping at the first unreadable address;
+// returns the number copied. Used only for memory libebb did not hand out.
+size_t copy_readable(void* dst, const void* src, size_t n);
+
+}  // namespace ebb::os

@@ -1,0 +1,106 @@
+// The purger: a background thread that gives idle free pages back to the OS,
+// so a worker that freed its peak and went to sleep does not keep it.
+//
+// It sleeps on a futex while nothing is dirty: an idle process with nothing
+// to purge costs no wake-ups. A free that makes a span dirty arms it; it then
+// waits half a purge delay at a time until every dirty span has been idle for
+// the full delay, purges it, and goes back to sleep.
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
+
+#include "heap.h"
+#include "os.h"
+
+namespace ebb {
+
+namespace {
+
+std::atomic<int> g_wake{0};          // futex word: bumped to wake the purger
+std::atomic<bool> g_pending{false};  // something may be waiting for its delay
+// 0 not started, 1 starting, 2 running, 3 failed or disabled.
+std::atomic<int> g_state{0};
+
+void sleep_ms(uint32_t ms) {
+  struct timespec ts = {static_cast<time_t>(ms / 1000), static_cast<long>(ms % 1000) * 1000000L};
+  while (nanosleep(&ts, &ts) != 0) {
+  }
+}
+
+void* purger_main(void*) {
+  for (;;) {
+    int seen = g_wake.load(std::memory_order_acquire);
+    if (!g_pending.load(std::memory_order_acquire)) {
+      Lock::wait(&g_wake, seen, nullptr);
+      continue;
+    }
+    uint32_t tick = g_options.purge_delay_ms / 2;
+    sleep_ms(tick < 5 ? 5 : tick);
+    g_pending.store(false, std::memory_order_release);
+    bool pending = false;
+    purge_all(false, &pending);
+    if (pending) g_pending.store(true, std::memory_order_release);
+  }
+  return nullptr;
+}
+
+void start_purger() {
+  int expected = 0;
+  if (!g_state.compare_exchange_strong(expected, 1)) return;
+  if (!g_options.background) {
+    g_state.store(3);
+    return;
+  }
+  // Block every signal in the purger: they belong to the program's threads
+  // (CPython, for one, expects them on the main thread).
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, 64 * 1024);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_t tid;
+  int rc = pthread_create(&tid, &attr, purger_main, nullptr);
+  pthread_attr_destroy(&attr);
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  if (rc != 0) {
+    g_state.store(3);
+    return;
+  }
+  pthread_setname_np(tid, "ebb-purge");
+  g_state.store(2);
+}
+
+}  // namespace
+
+extern bool g_constructed;
+
+void purge_notify() {
+  if (!g_pending.load(std::memory_order_relaxed)) {
+    g_pending.store(true, std::memory_order_release);
+    g_wake.fetch_add(1, std::memory_order_release);
+    if (g_state.load(std::memory_order_relaxed) == 2) Lock::wake_one(&g_wake);
+  }
+  // Start lazily, once the library constructor has run (libc is fully up), and
+  // only in programs that free something: short-lived tools never get a thread.
+  if (EBB_UNLIKELY(g_state.load(std::memory_order_relaxed) == 0) && g_constructed) start_purger();
+}
+
+size_t purge_all(bool force, bool* pending) {
+  uint64_t now = os::now_ms();
+  size_t bytes = bins_purge(now, force, pending);
+  bytes += segments_release(now, force);
+  bytes += large_release(now, force, pending);
+  return bytes;
+}
+
+void purger_after_fork_child() {
+  // The purger thread does not exist in the child. The next batch of frees
+  // starts a new one, which first looks at what the parent left dirty.
+  g_state.store(0, std::memory_order_relaxed);
+  g_pending.store(true, std::memory_order_relaxed);
+  g_wake.store(0, std::memory_order_relaxed);
+}
+
+}  // namespace ebb

@@ -1,0 +1,104 @@
+// ebb_stats() and ebb_class_stats(): read the heap without stopping it.
+// Each bin is locked briefly in turn; the totals are a consistent-enough
+// snapshot for monitoring, not an atomic one.
+#include <cstring>
+
+#include "ebb.h"
+#include "heap.h"
+
+namespace ebb {
+
+namespace {
+
+struct ClassTotals {
+  uint64_t spans = 0, out = 0, free = 0, resident_pages = 0;
+};
+
+ClassTotals class_totals(unsigned cls) {
+  ClassTotals t;
+  Bin& b = g_bins[cls];
+  LockGuard guard(b.lock);
+  t.spans = b.spans;
+  t.out = b.out;
+  LockGuard seg_guard(g_segment_lock);
+  for (Segment* seg = g_segments; seg != nullptr; seg = seg->next)
+    for (unsigned i = kFirstSpanSlice; i < kSlicesPerSegment; i++) {
+      Span* s = &seg->spans[i];
+      if (seg->slice_span[i] != s || s->cls != cls) continue;
+      t.free += s->nfree + s->parked + (kClasses[cls].capacity - s->bump);
+      t.resident_pages += span_resident_pages(s);
+    }
+  return t;
+}
+
+uint64_t thread_cached_bytes() {
+  uint64_t bytes = 0;
+  LockGuard guard(g_tcache_lock);
+  for (ThreadCache* tc = g_tcaches; tc != nullptr; tc = tc->next)
+    for (unsigned cls = 1; cls <= kNumClasses; cls++)
+      bytes += uint64_t{__atomic_load_n(&tc->bins[cls].count, __ATOMIC_RELAXED)} * class_size(cls);
+  return bytes;
+}
+
+}  // namespace
+
+}  // namespace ebb
+
+using namespace ebb;
+
+extern "C" __attribute__((visibility("default"))) int ebb_stats(ebb_stats_t* out, size_t size) noexcept {
+  if (out == nullptr || size < 8) return -1;
+  ensure_init();
+  ebb_stats_t s;
+  memset(&s, 0, sizeof s);
+  s.version = EBB_STATS_VERSION;
+  s.size = static_cast<uint32_t>(size < sizeof s ? size : sizeof s);
+  uint64_t small_out_bytes = 0;
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) {
+    ClassTotals t = class_totals(cls);
+    small_out_bytes += t.out * class_size(cls);
+    s.active_pages += t.resident_pages;
+  }
+  {
+    LockGuard guard(g_tcache_lock);
+    s.allocs_total = g_counters.released_allocs.load(std::memory_order_relaxed);
+    s.requested_total = g_counters.released_bytes.load(std::memory_order_relaxed);
+    for (ThreadCache* tc = g_tcaches; tc != nullptr; tc = tc->next) {
+      s.allocs_total += __atomic_load_n(&tc->allocs, __ATOMIC_RELAXED);
+      s.requested_total += __atomic_load_n(&tc->alloc_bytes, __ATOMIC_RELAXED);
+    }
+  }
+  s.thread_cached_bytes = thread_cached_bytes();
+  s.large_live_bytes = g_counters.large_live.load(std::memory_order_relaxed);
+  s.large_cached_bytes = g_counters.large_cached.load(std::memory_order_relaxed);
+  uint64_t small_live = small_out_bytes > s.thread_cached_bytes ? small_out_bytes - s.thread_cached_bytes : 0;
+  s.live_bytes = small_live + s.large_live_bytes;
+  s.segments = g_counters.segments.load(std::memory_order_relaxed);
+  s.mapped_bytes = g_counters.mapped.load(std::memory_order_relaxed);
+  s.purged_total = g_counters.purged_total.load(std::memory_order_relaxed);
+  s.unmapped_total = g_counters.unmapped_total.load(std::memory_order_relaxed);
+  s.purge_calls = g_counters.purge_calls.load(std::memory_order_relaxed);
+  s.page_size = kPageSize;
+  // Segment headers: about two pages each; large blocks: resident as mapped.
+  uint64_t large_mapped = s.mapped_bytes - s.segments * kSegmentSize;
+  s.resident_bytes = s.active_pages * kPageSize + s.segments * 2 * kPageSize + large_mapped;
+  memcpy(out, &s, s.size);
+  return 0;
+}
+
+extern "C" __attribute__((visibility("default"))) unsigned ebb_class_count(void) noexcept { return kNumClasses; }
+
+extern "C" __attribute__((visibility("default"))) int ebb_class_stats(unsigned cls, ebb_class_stats_t* out,
+                                                                       size_t size) noexcept {
+  if (cls < 1 || cls > kNumClasses || out == nullptr || size == 0) return -1;
+  ClassTotals t = class_totals(cls);
+  ebb_class_stats_t c;
+  c.object_size = kClasses[cls].size;
+  c.span_bytes = static_cast<uint32_t>(kClasses[cls].slices * kSliceSize);
+  c.spans = t.spans;
+  c.objects_out = t.out;
+  c.objects_free = t.free;
+  c.resident_pages = t.resident_pages;
+  memcpy(out, &c, size < sizeof c ? size : sizeof c);
+  return 0;
+}

@@ -1,0 +1,123 @@
+// Per-thread caches. malloc and free touch only the calling thread's cache;
+// a free from another thread simply lands in the freeing thread's cache, so
+// cross-thread frees need no lock until a batch is flushed to the bin.
+#include <errno.h>
+#include <pthread.h>
+
+#include "heap.h"
+#include "os.h"
+
+namespace ebb {
+
+__thread ThreadCache t_cache __attribute__((tls_model("initial-exec")));
+Lock g_tcache_lock;
+ThreadCache* g_tcaches = nullptr;
+
+namespace {
+
+pthread_key_t g_exit_key;
+bool g_exit_key_ok = false;
+
+void tcache_unregister(ThreadCache* tc) {
+  LockGuard guard(g_tcache_lock);
+  if (tc->prev != nullptr)
+    tc->prev->next = tc->next;
+  else if (g_tcaches == tc)
+    g_tcaches = tc->next;
+  if (tc->next != nullptr) tc->next->prev = tc->prev;
+  tc->next = tc->prev = nullptr;
+}
+
+// Thread exit: hand every cached object back and serve later calls (from
+// other destructors) straight from the bins.
+void on_thread_exit(void* arg) {
+  auto* tc = static_cast<ThreadCache*>(arg);
+  tcache_flush_all(tc);
+  tc->state = 2;
+  for (CacheBin& cb : tc->bins) cb.max = 0;
+  g_counters.released_allocs.fetch_add(tc->allocs, std::memory_order_relaxed);
+  g_counters.released_bytes.fetch_add(tc->alloc_bytes, std::memory_order_relaxed);
+  tc->allocs = tc->alloc_bytes = 0;
+  tcache_unregister(tc);
+}
+
+void tcache_init(ThreadCache* tc) {
+  ensure_init();
+  tc->state = 1;  // first: what follows may allocate and must not recurse here
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) {
+    size_t n = g_options.tcache_bytes / class_size(cls);
+    if (g_options.tcache_bytes != 0 && n < 2) n = 2;
+    tc->bins[cls].max = static_cast<uint16_t>(n > 128 ? 128 : n);
+  }
+  {
+    LockGuard guard(g_tcache_lock);
+    if (!g_exit_key_ok) g_exit_key_ok = pthread_key_create(&g_exit_key, on_thread_exit) == 0;
+    tc->prev = nullptr;
+    tc->next = g_tcaches;
+    if (g_tcaches != nullptr) g_tcaches->prev = tc;
+    g_tcaches = tc;
+  }
+  if (g_exit_key_ok) pthread_setspecific(g_exit_key, tc);
+}
+
+// Flushes the objects after the first `keep` of a cache bin.
+void flush_tail(unsigned cls, CacheBin& cb, uint32_t keep) {
+  if (cb.count <= keep) return;
+  FreeObj* rest;
+  if (keep == 0) {
+    rest = cb.head;
+    cb.head = nullptr;
+  } else {
+    FreeObj* last = cb.head;
+    for (uint32_t i = 1; i < keep; i++) last = last->next;
+    rest = last->next;
+    last->next = nullptr;
+  }
+  bin_flush(cls, rest, cb.count - keep);
+  cb.count = static_cast<uint16_t>(keep);
+}
+
+}  // namespace
+
+void* tcache_alloc_slow(unsigned cls) {
+  ThreadCache* tc = &t_cache;
+  if (tc->state == 0) tcache_init(tc);
+  CacheBin& cb = tc->bins[cls];
+  if (cb.head == nullptr) {
+    uint32_t want = cb.max / 2 > 0 ? cb.max / 2 : 1;
+    uint32_t got = bin_refill(cls, want, &cb.head);
+    if (got == 0) {
+      errno = ENOMEM;
+      return nullptr;
+    }
+    cb.count = static_cast<uint16_t>(cb.count + got);
+  }
+  FreeObj* o = cb.head;
+  cb.head = o->next;
+  cb.count--;
+  return o;
+}
+
+void tcache_free_slow(unsigned cls, FreeObj* obj) {
+  ThreadCache* tc = &t_cache;
+  if (tc->state == 0) tcache_init(tc);
+  CacheBin& cb = tc->bins[cls];
+  if (cb.count >= cb.max) {
+    if (cb.max <= 1) {  // no cache (exiting thread, or EBB_TCACHE_BYTES=0)
+      obj->next = nullptr;
+      bin_flush(cls, obj, 1);
+      return;
+    }
+    // Keep the most recently freed half: they are the ones still in the CPU cache.
+    flush_tail(cls, cb, cb.max / 2);
+  }
+  obj->next = cb.head;
+  cb.head = obj;
+  cb.count++;
+}
+
+void tcache_flush_all(ThreadCache* tc) {
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) flush_tail(cls, tc->bins[cls], 0);
+}
+
+}  // namespace ebb

@@ -1,0 +1,10 @@
+# libebb must load into any program: its only dependency is libc.
+execute_process(COMMAND readelf -d ${LIB} OUTPUT_VARIABLE out RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "readelf failed on ${LIB}")
+endif()
+string(REGEX MATCHALL "Shared library: \\[[^]]+\\]" needed "${out}")
+if(NOT needed STREQUAL "Shared library: [libc.so.6]")
+  message(FATAL_ERROR "libebb.so must need libc.so.6 only, needs: ${needed}")
+endif()
+message(STATUS "libebb.so needs: ${needed}")

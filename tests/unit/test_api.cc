@@ -1,0 +1,297 @@
+// The C allocation API: results, errno and edge cases, as glibc behaves.
+#include <errno.h>
+#include <gtest/gtest.h>
+#include <malloc.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "ebb.h"
+
+extern "C" void free_sized(void*, size_t);
+extern "C" void free_aligned_sized(void*, size_t, size_t);
+
+namespace {
+
+bool aligned(const void* p, size_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
+
+// A size the compiler cannot see, so it neither warns nor folds the call.
+size_t v(size_t x) {
+  volatile size_t y = x;
+  return y;
+}
+
+// Keeps the compiler from pairing and removing malloc/free calls.
+void* opaque(void* p) {
+  asm volatile("" : "+r"(p));
+  return p;
+}
+
+TEST(Malloc, ZeroBytesGivesAUniqueFreeablePointer) {
+  void* a = malloc(0);
+  void* b = malloc(0);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  EXPECT_NE(a, b);
+  EXPECT_GE(malloc_usable_size(a), 1u);
+  free(a);
+  free(b);
+}
+
+TEST(Malloc, EverySizeIsAlignedUsableAndWritable) {
+  for (size_t size = 1; size < 300000; size = size * 5 / 4 + 1) {
+    auto* p = static_cast<unsigned char*>(malloc(size));
+    ASSERT_NE(p, nullptr) << size;
+    EXPECT_TRUE(aligned(p, 16)) << size;
+    size_t usable = malloc_usable_size(p);
+    EXPECT_GE(usable, size);
+    memset(p, 0xab, usable);
+    EXPECT_EQ(p[usable - 1], 0xab);
+    free(p);
+  }
+}
+
+TEST(Malloc, ImpossibleSizesFailWithEnomem) {
+  for (size_t size : {SIZE_MAX, SIZE_MAX / 2, size_t{PTRDIFF_MAX}, (size_t{1} << 62)}) {
+    errno = 0;
+    EXPECT_EQ(opaque(malloc(v(size))), nullptr) << size;
+    EXPECT_EQ(errno, ENOMEM);
+  }
+}
+
+TEST(Malloc, FreeNullIsANoOp) {
+  free(nullptr);
+  free_sized(nullptr, 0);
+}
+
+TEST(Calloc, ZeroesMemoryEvenWhenReused) {
+  for (size_t size : {size_t{8}, size_t{100}, size_t{5000}, size_t{200000}, size_t{3} << 20}) {
+    auto* p = static_cast<unsigned char*>(malloc(size));
+    memset(p, 0xff, size);
+    free(p);
+    auto* q = static_cast<unsigned char*>(calloc(1, size));
+    ASSERT_NE(q, nullptr);
+    for (size_t i = 0; i < size; i++) ASSERT_EQ(q[i], 0) << "size " << size << " byte " << i;
+    free(q);
+  }
+}
+
+TEST(Calloc, OverflowFailsWithEnomem) {
+  errno = 0;
+  EXPECT_EQ(opaque(calloc(v(SIZE_MAX / 2), 3)), nullptr);
+  EXPECT_EQ(errno, ENOMEM);
+  errno = 0;
+  EXPECT_EQ(opaque(calloc(v(size_t{1} << 33), size_t{1} << 33)), nullptr);
+  EXPECT_EQ(errno, ENOMEM);
+}
+
+TEST(Realloc, NullIsMallocAndZeroFrees) {
+  void* p = realloc(nullptr, 40);
+  ASSERT_NE(p, nullptr);
+  EXPECT_GE(malloc_usable_size(p), 40u);
+  EXPECT_EQ(realloc(p, 0), nullptr);  // glibc: frees, returns NULL
+}
+
+TEST(Realloc, KeepsContentsAcrossEverySizeTransition) {
+  const size_t sizes[] = {1, 24, 500, 513, 4000, 70000, 131072, 131073, 300000, 5 << 20, 100, 9 << 20, 64};
+  auto* p = static_cast<unsigned char*>(malloc(1));
+  p[0] = 0;
+  size_t prev = 1;
+  for (size_t size : sizes) {
+    for (size_t i = 0; i < prev && i < size; i++) ASSERT_EQ(p[i], static_cast<unsigned char>(i * 7)) << size;
+    auto* q = static_cast<unsigned char*>(realloc(p, size));
+    ASSERT_NE(q, nullptr);
+    for (size_t i = 0; i < prev && i < size; i++) ASSERT_EQ(q[i], static_cast<unsigned char>(i * 7)) << size;
+    for (size_t i = 0; i < size; i++) q[i] = static_cast<unsigned char>(i * 7);
+    p = q;
+    prev = size;
+  }
+  free(p);
+}
+
+TEST(Realloc, FailureLeavesTheBlockIntact) {
+  auto* p = static_cast<char*>(malloc(100));
+  strcpy(p, "still here");
+  errno = 0;
+  EXPECT_EQ(realloc(p, v(SIZE_MAX / 2)), nullptr);
+  EXPECT_EQ(errno, ENOMEM);
+  EXPECT_STREQ(p, "still here");
+  free(p);
+}
+
+TEST(Reallocarray, OverflowFailsWithEnomemAndKeepsTheBlock) {
+  auto* p = static_cast<int*>(reallocarray(nullptr, 10, sizeof(int)));
+  ASSERT_NE(p, nullptr);
+  p[9] = 42;
+  errno = 0;
+  EXPECT_EQ(reallocarray(p, v(SIZE_MAX / 4), 8), nullptr);
+  EXPECT_EQ(errno, ENOMEM);
+  EXPECT_EQ(p[9], 42);
+  p = static_cast<int*>(reallocarray(p, 1000, sizeof(int)));
+  ASSERT_NE(p, nullptr);
+  EXPECT_EQ(p[9], 42);
+  free(p);
+}
+
+TEST(PosixMemalign, AlignsEveryPowerOfTwo) {
+  for (size_t align = sizeof(void*); align <= (size_t{1} << 24); align <<= 1) {
+    for (size_t size : {size_t{1}, size_t{100}, size_t{70000}, size_t{1} << 20}) {
+      void* p = nullptr;
+      ASSERT_EQ(posix_memalign(&p, align, size), 0) << align << " " << size;
+      EXPECT_TRUE(aligned(p, align)) << align << " " << size;
+      EXPECT_GE(malloc_usable_size(p), size);
+      memset(p, 1, size);
+      free(p);
+    }
+  }
+}
+
+TEST(PosixMemalign, RejectsBadAlignmentWithEinvalAndLeavesOutput) {
+  void* p = reinterpret_cast<void*>(0x1234);
+  EXPECT_EQ(posix_memalign(&p, 0, 8), EINVAL);
+  EXPECT_EQ(posix_memalign(&p, 24, 8), EINVAL);
+  EXPECT_EQ(posix_memalign(&p, 4, 8), EINVAL);  // not a multiple of sizeof(void*)
+  EXPECT_EQ(p, reinterpret_cast<void*>(0x1234));
+  EXPECT_EQ(posix_memalign(&p, 64, v(SIZE_MAX / 2)), ENOMEM);
+}
+
+TEST(AlignedAlloc, AlignsAndRejectsNonPowersOfTwo) {
+  void* p = aligned_alloc(4096, 4096);
+  ASSERT_NE(p, nullptr);
+  EXPECT_TRUE(aligned(p, 4096));
+  free(p);
+  errno = 0;
+  EXPECT_EQ(aligned_alloc(48, 96), nullptr);
+  EXPECT_EQ(errno, EINVAL);
+}
+
+TEST(Memalign, RoundsNonPowersOfTwoUpLikeGlibc) {
+  void* p = memalign(48, 100);
+  ASSERT_NE(p, nullptr);
+  EXPECT_TRUE(aligned(p, 64));
+  free(p);
+  errno = 0;
+  EXPECT_EQ(opaque(memalign(v(SIZE_MAX), 8)), nullptr);
+  EXPECT_EQ(errno, EINVAL);
+}
+
+TEST(Valloc, PageAlignedAndPvallocRoundsSizeUp) {
+  long page = sysconf(_SC_PAGESIZE);
+  void* p = valloc(10);
+  ASSERT_NE(p, nullptr);
+  EXPECT_TRUE(aligned(p, static_cast<size_t>(page)));
+  free(p);
+  void* q = pvalloc(10);
+  ASSERT_NE(q, nullptr);
+  EXPECT_TRUE(aligned(q, static_cast<size_t>(page)));
+  EXPECT_GE(malloc_usable_size(q), static_cast<size_t>(page));
+  free(q);
+  errno = 0;
+  EXPECT_EQ(opaque(pvalloc(v(SIZE_MAX - 10))), nullptr);
+  EXPECT_EQ(errno, ENOMEM);
+}
+
+TEST(FreeSized, AcceptsEveryForm) {
+  free_sized(malloc(77), 77);
+  void* p = aligned_alloc(256, 512);
+  free_aligned_sized(p, 256, 512);
+}
+
+TEST(UsableSize, NullAndForeignPointersAreZero) {
+  EXPECT_EQ(malloc_usable_size(nullptr), 0u);
+  static char not_ours[64];
+  EXPECT_EQ(malloc_usable_size(not_ours), 0u);
+}
+
+TEST(Foreign, FreeOfMemoryEbbDidNotHandOutIsIgnored) {
+  static char data[256];
+  char stack[32];
+  free(data);
+  free(stack);
+  strcpy(data, "foreign");
+  EXPECT_STREQ(data, "foreign");
+}
+
+TEST(Foreign, ReallocCopiesWhatCanBeReadAndLeavesTheOldBlock) {
+  static char data[64] = "copied from a block ebb never saw";
+  auto* p = static_cast<char*>(realloc(data, 1000));
+  ASSERT_NE(p, nullptr);
+  EXPECT_NE(p, data);
+  EXPECT_STREQ(p, "copied from a block ebb never saw");
+  EXPECT_STREQ(data, "copied from a block ebb never saw");
+  free(p);
+}
+
+TEST(MallocTrim, ReturnsOneWhenItReleasedMemory) {
+  const int n = 20000;
+  static void* ptrs[n];
+  for (int i = 0; i < n; i++) ptrs[i] = malloc(1000);
+  for (int i = 0; i < n; i++) free(ptrs[i]);
+  EXPECT_EQ(malloc_trim(0), 1);
+}
+
+TEST(Version, NamesEbb) { EXPECT_EQ(strncmp(ebb_version(), "ebb ", 4), 0); }
+
+// ---- bad input aborts with a one-line message ------------------------------
+
+TEST(BadInputDeathTest, DoubleFreeOfSmallObject) {
+  EXPECT_DEATH(
+      {
+        void* p = malloc(64);
+        free(p);
+        free(p);
+      },
+      "^ebb: free\\(\\): double free 0x[0-9a-f]+\n");
+}
+
+TEST(BadInputDeathTest, DoubleFreeAfterTheCacheWasFlushed) {
+  EXPECT_DEATH(
+      {
+        void* p = malloc(48);
+        free(p);
+        for (int i = 0; i < 1000; i++) free(malloc(48));  // push p out to its span
+        ebb_trim();
+        free(p);
+      },
+      "ebb: free\\(\\): double free 0x");
+}
+
+TEST(BadInputDeathTest, DoubleFreeOfLargeObject) {
+  EXPECT_DEATH(
+      {
+        void* p = malloc(1 << 20);
+        free(p);
+        free(p);
+      },
+      "ebb: free\\(\\): double free 0x");
+}
+
+TEST(BadInputDeathTest, InteriorPointer) {
+  EXPECT_DEATH(
+      {
+        char* p = static_cast<char*>(malloc(64));
+        free(p + 16);
+      },
+      "^ebb: free\\(\\): invalid pointer 0x[0-9a-f]+\n");
+}
+
+TEST(BadInputDeathTest, InteriorPointerOfLargeObject) {
+  EXPECT_DEATH(
+      {
+        char* p = static_cast<char*>(malloc(1 << 20));
+        free(p + 4096);
+      },
+      "ebb: free\\(\\): invalid pointer 0x");
+}
+
+TEST(BadInputDeathTest, ReallocOfInteriorPointerNamesRealloc) {
+  EXPECT_DEATH(
+      {
+        char* p = static_cast<char*>(malloc(64));
+        opaque(realloc(p + 8, 100));
+      },
+      "ebb: realloc\\(\\): invalid pointer 0x");
+}
+
+}  // namespace

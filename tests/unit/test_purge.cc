@@ -1,0 +1,134 @@
+// Giving memory back: ebb_trim, partly used spans, the idle purger, stats.
+#include <gtest/gtest.h>
+#include <malloc.h>
+#include <string.h>
+#include <time.h>
+
+#include <vector>
+
+#include "ebb.h"
+#include "rss.h"
+
+namespace {
+
+constexpr size_t MiB = 1 << 20;
+
+void sleep_ms(long ms) {
+  struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
+  nanosleep(&ts, nullptr);
+}
+
+// Allocates `total` bytes in objects of `size`, touching each.
+std::vector<void*> fill(size_t total, size_t size) {
+  std::vector<void*> v;
+  v.reserve(total / size);
+  for (size_t i = 0; i < total / size; i++) {
+    void* p = malloc(size);
+    memset(p, static_cast<int>(i), size);
+    v.push_back(p);
+  }
+  return v;
+}
+
+TEST(Purge, TrimGivesFreedSmallObjectsBack) {
+  auto v = fill(64 * MiB, 256);
+  size_t full = rss_bytes();
+  for (void* p : v) free(p);
+  size_t released = ebb_trim();
+  size_t after = rss_bytes();
+  EXPECT_GE(released, 56 * MiB);
+  EXPECT_LE(after + 56 * MiB, full) << "rss " << full / MiB << " MiB -> " << after / MiB << " MiB";
+}
+
+TEST(Purge, PartlyUsedSpansGiveBackTheirEmptyPages) {
+  // 64-byte objects, 64 per page; keep one in 512, i.e. one page in eight.
+  const size_t n = 400000, keep_every = 512;
+  std::vector<char*> v(n);
+  for (size_t i = 0; i < n; i++) {
+    v[i] = static_cast<char*>(malloc(64));
+    memset(v[i], static_cast<int>(i & 0xff), 64);
+  }
+  size_t full = rss_bytes();
+  for (size_t i = 0; i < n; i++)
+    if (i % keep_every != 0) free(v[i]);
+  ebb_trim();
+  size_t after = rss_bytes();
+  const size_t data = n * 64;
+  EXPECT_LE(after + data * 3 / 4, full) << "rss " << full / MiB << " MiB -> " << after / MiB << " MiB";
+  // Survivors are intact, and allocating again (which refaults purged pages)
+  // never hands out a survivor's memory.
+  std::vector<char*> again(n);
+  for (size_t i = 0; i < n; i++) {
+    again[i] = static_cast<char*>(malloc(64));
+    memset(again[i], 0x5a, 64);
+  }
+  for (size_t i = 0; i < n; i += keep_every)
+    for (int b = 0; b < 64; b++) ASSERT_EQ(v[i][b], static_cast<char>(i & 0xff)) << i;
+  for (size_t i = 0; i < n; i += keep_every) free(v[i]);
+  for (char* p : again) free(p);
+}
+
+TEST(Purge, IdleProcessGivesMemoryBackWithoutAllocating) {
+  auto v = fill(64 * MiB, 1000);
+  auto big = fill(32 * MiB, 2 * MiB);
+  size_t full = rss_bytes();
+  for (void* p : v) free(p);
+  for (void* p : big) free(p);
+  // From here on the test allocates nothing: only the purger can lower RSS.
+  size_t after = full;
+  for (int i = 0; i < 100 && after + 88 * MiB > full; i++) {
+    sleep_ms(50);
+    after = rss_bytes();
+  }
+  EXPECT_LE(after + 88 * MiB, full) << "rss " << full / MiB << " MiB -> " << after / MiB << " MiB";
+}
+
+TEST(Stats, FollowLiveBytesAndPurging) {
+  ebb_stats_t before, during, after;
+  ASSERT_EQ(ebb_stats(&before, sizeof before), 0);
+  EXPECT_EQ(before.version, EBB_STATS_VERSION);
+  EXPECT_EQ(before.size, sizeof before);
+  auto v = fill(16 * MiB, 512);
+  void* large = malloc(8 * MiB);
+  ASSERT_EQ(ebb_stats(&during, sizeof during), 0);
+  EXPECT_GE(during.live_bytes, before.live_bytes + 24 * MiB - MiB);
+  EXPECT_GE(during.allocs_total, before.allocs_total + v.size());
+  EXPECT_GE(during.requested_total, before.requested_total + 24 * MiB);
+  EXPECT_GE(during.large_live_bytes, 8 * MiB);
+  EXPECT_GE(during.resident_bytes, 24 * MiB);
+  EXPECT_GE(during.mapped_bytes, during.resident_bytes);
+  for (void* p : v) free(p);
+  free(large);
+  ebb_trim();
+  ASSERT_EQ(ebb_stats(&after, sizeof after), 0);
+  EXPECT_LE(after.live_bytes + 16 * MiB, during.live_bytes);
+  EXPECT_GE(after.purged_total, during.purged_total + 15 * MiB);
+  EXPECT_GT(after.purge_calls, during.purge_calls);
+  EXPECT_LE(after.resident_bytes + 16 * MiB, during.resident_bytes);
+  EXPECT_EQ(ebb_stats(nullptr, sizeof after), -1);
+}
+
+TEST(Stats, PerClassFigures) {
+  ASSERT_GT(ebb_class_count(), 32u);
+  ebb_class_stats_t c;
+  EXPECT_EQ(ebb_class_stats(0, &c, sizeof c), -1);
+  EXPECT_EQ(ebb_class_stats(ebb_class_count() + 1, &c, sizeof c), -1);
+  ASSERT_EQ(ebb_class_stats(4, &c, sizeof c), 0);  // 64-byte objects
+  EXPECT_EQ(c.object_size, 64u);
+  uint64_t out_before = c.objects_out;
+  auto v = fill(MiB, 64);
+  ASSERT_EQ(ebb_class_stats(4, &c, sizeof c), 0);
+  EXPECT_GE(c.objects_out, out_before + v.size() - 200);  // minus what thread caches held
+  EXPECT_GE(c.spans, 16u);
+  for (void* p : v) free(p);
+}
+
+TEST(Stats, ShortBufferGetsAPrefix) {
+  ebb_stats_t s;
+  memset(&s, 0xee, sizeof s);
+  ASSERT_EQ(ebb_stats(&s, 16), 0);
+  EXPECT_EQ(s.size, 16u);
+  EXPECT_EQ(s.live_bytes, 0xeeeeeeeeeeeeeeeeull);  // untouched past the prefix
+}
+
+}  // namespace
