@@ -21,33 +21,33 @@ extern "C" {
 #define EBB_STATS_VERSION 1
 
 typedef struct ebb_stats_s {
-  uint32_t version;         /* EBB_STATS_VERSION */
-  uint32_t size;            /* sizeof(ebb_stats_t) as filled in */
-  uint64_t allocs_total;    /* malloc-family calls served since start */
-  uint64_t requested_total; /* bytes asked for by those calls */
-  uint64_t live_bytes;      /* bytes held by the program: small objects at their size
-                               class, large ones as requested */
+  uint32_t version;             /* EBB_STATS_VERSION */
+  uint32_t size;                /* sizeof(ebb_stats_t) as filled in */
+  uint64_t allocs_total;        /* malloc-family calls served since start */
+  uint64_t requested_total;     /* bytes asked for by those calls */
+  uint64_t live_bytes;          /* bytes held by the program: small objects at their size
+                                   class, large ones as requested */
   uint64_t thread_cached_bytes; /* free objects held in per-thread caches */
-  uint64_t active_pages;    /* OS pages of small-object spans that may be resident */
-  uint64_t resident_bytes;  /* estimate of the heap's resident memory: active pages,
-                               segment headers, large objects and cached large blocks */
-  uint64_t mapped_bytes;    /* address space mapped by the heap */
-  uint64_t purged_total;    /* bytes given back to the OS with madvise, ever */
-  uint64_t unmapped_total;  /* bytes given back with munmap, ever */
-  uint64_t purge_calls;     /* madvise calls made to give memory back */
+  uint64_t active_pages;        /* OS pages of small-object spans that may be resident */
+  uint64_t resident_bytes;      /* estimate of the heap's resident memory: active pages,
+                                   segment headers, large objects and cached large blocks */
+  uint64_t mapped_bytes;        /* address space mapped by the heap */
+  uint64_t purged_total;        /* bytes given back to the OS with madvise, ever */
+  uint64_t unmapped_total;      /* bytes given back with munmap, ever */
+  uint64_t purge_calls;         /* madvise calls made to give memory back */
   uint64_t large_live_bytes;    /* live objects above the small-object limit */
   uint64_t large_cached_bytes;  /* freed large blocks kept mapped for reuse */
-  uint64_t segments;        /* 4 MiB small-object segments mapped */
-  uint64_t page_size;       /* the purge granularity, bytes */
+  uint64_t segments;            /* 4 MiB small-object segments mapped */
+  uint64_t page_size;           /* the purge granularity, bytes */
 } ebb_stats_t;
 
 typedef struct ebb_class_stats_s {
-  uint32_t object_size;   /* bytes per object in this class */
-  uint32_t span_bytes;    /* bytes per span */
-  uint64_t spans;         /* spans of this class */
-  uint64_t objects_out;   /* objects handed to threads (live or thread-cached) */
-  uint64_t objects_free;  /* free objects in the class's spans, parked ones included */
-  uint64_t resident_pages;/* pages of the class's spans that may be resident */
+  uint32_t object_size;    /* bytes per object in this class */
+  uint32_t span_bytes;     /* bytes per span */
+  uint64_t spans;          /* spans of this class */
+  uint64_t objects_out;    /* objects handed to threads (live or thread-cached) */
+  uint64_t objects_free;   /* free objects in the class's spans, parked ones included */
+  uint64_t resident_pages; /* pages of the class's spans that may be resident */
 } ebb_class_stats_t;
 
 /* Returns every free page to the OS now (the caller's thread cache included),

@@ -29,19 +29,19 @@ struct FreeObj {
 };
 
 struct Span {
-  FreeObj* free;      // objects given back to this span (not counting parked ones)
+  FreeObj* free;  // objects given back to this span (not counting parked ones)
   uint8_t* start;
-  Span* next;         // in the bin's list of spans with free objects
+  Span* next;  // in the bin's list of spans with free objects
   Span* prev;
-  uint32_t used;      // objects out: with the program or in a thread cache
-  uint32_t bump;      // objects carved so far; slots [bump, capacity) were never touched
-  uint32_t nfree;     // length of `free`
-  uint32_t parked;    // free objects kept out of `free` because they overlap purged pages
-  uint32_t touched;   // low 32 bits of now_ms() when objects last came back (decay clock)
-  uint16_t cls;       // size class; 0 while the slices are not a span
+  uint32_t used;     // objects out: with the program or in a thread cache
+  uint32_t bump;     // objects carved so far; slots [bump, capacity) were never touched
+  uint32_t nfree;    // length of `free`
+  uint32_t parked;   // free objects kept out of `free` because they overlap purged pages
+  uint32_t touched;  // low 32 bits of now_ms() when objects last came back (decay clock)
+  uint16_t cls;      // size class; 0 while the slices are not a span
   uint16_t nslices;
-  bool in_list;       // in the bin's list
-  bool dirty;         // objects came back since the last purge
+  bool in_list;                         // in the bin's list
+  bool dirty;                           // objects came back since the last purge
   uint64_t purged[kMaxSpanPages / 64];  // pages given back to the OS while the span lives
 
   size_t bytes() const { return size_t{nslices} << kSliceShift; }
@@ -65,8 +65,8 @@ struct Segment {
   SegmentHeader h;
   Segment* next;  // all small segments, oldest first
   Segment* prev;
-  uint64_t free_slices;  // bit i: slice i belongs to no span (and is not resident)
-  uint32_t empty_since;  // now_ms() when the last span left (all slices free)
+  uint64_t free_slices;                 // bit i: slice i belongs to no span (and is not resident)
+  uint32_t empty_since;                 // now_ms() when the last span left (all slices free)
   Span* slice_span[kSlicesPerSegment];  // the span covering each slice
   Span spans[kSlicesPerSegment];        // the descriptor of the span starting at slice i
 };
@@ -81,14 +81,14 @@ struct Bin {
 
 // ---- global state -----------------------------------------------------------
 struct Counters {
-  std::atomic<uint64_t> mapped{0};         // bytes mapped (segments + large)
-  std::atomic<uint64_t> purged_total{0};   // bytes given back with madvise, ever
-  std::atomic<uint64_t> purge_calls{0};    // madvise calls
-  std::atomic<uint64_t> unmapped_total{0}; // bytes given back with munmap, ever
-  std::atomic<uint64_t> large_live{0};     // bytes of live large objects (requested)
-  std::atomic<uint64_t> large_cached{0};   // bytes mapped by cached large blocks
+  std::atomic<uint64_t> mapped{0};          // bytes mapped (segments + large)
+  std::atomic<uint64_t> purged_total{0};    // bytes given back with madvise, ever
+  std::atomic<uint64_t> purge_calls{0};     // madvise calls
+  std::atomic<uint64_t> unmapped_total{0};  // bytes given back with munmap, ever
+  std::atomic<uint64_t> large_live{0};      // bytes of live large objects (requested)
+  std::atomic<uint64_t> large_cached{0};    // bytes mapped by cached large blocks
   std::atomic<uint64_t> segments{0};
-  std::atomic<uint64_t> released_allocs{0}; // allocations/bytes of exited threads
+  std::atomic<uint64_t> released_allocs{0};  // allocations/bytes of exited threads
   std::atomic<uint64_t> released_bytes{0};
 };
 
@@ -98,11 +98,11 @@ extern uint64_t g_free_key;  // random; marks free objects
 
 // ---- init and options (init.cc, options.cc) ---------------------------------
 struct Options {
-  uint32_t purge_delay_ms = 250;   // EBB_PURGE_DELAY_MS: free pages idle this long go back
-  bool background = true;          // EBB_BACKGROUND=0: no purger thread (purge on activity only)
-  uint32_t tcache_bytes = 32768;   // EBB_TCACHE_BYTES: per class and thread (0: no thread cache)
-  uint32_t large_cache_mb = 32;    // EBB_LARGE_CACHE_MB: freed large blocks kept for reuse
-  bool verbose = false;            // EBB_VERBOSE=1: print the options at start
+  uint32_t purge_delay_ms = 250;  // EBB_PURGE_DELAY_MS: free pages idle this long go back
+  bool background = true;         // EBB_BACKGROUND=0: no purger thread (purge on activity only)
+  uint32_t tcache_bytes = 32768;  // EBB_TCACHE_BYTES: per class and thread (0: no thread cache)
+  uint32_t large_cache_mb = 32;   // EBB_LARGE_CACHE_MB: freed large blocks kept for reuse
+  bool verbose = false;           // EBB_VERBOSE=1: print the options at start
 };
 extern Options g_options;
 void options_load();

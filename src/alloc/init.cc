@@ -66,8 +66,7 @@ void ensure_init() {
   LockGuard guard(g_init_lock);
   if (g_init_state.load(std::memory_order_relaxed) == 2) return;
   unsigned long page = getauxval(AT_PAGESZ);
-  if (page != 0 && page != kPageSize)
-    os::write_err("ebb: page size is not 4 KiB; free pages will not be given back\n");
+  if (page != 0 && page != kPageSize) os::write_err("ebb: page size is not 4 KiB; free pages will not be given back\n");
   g_free_key = os::random64() | 1;
   // The environment may not be set up yet if the dynamic loader allocates
   // before libc starts; the constructor reads it again.

@@ -122,8 +122,7 @@ void* large_alloc(size_t size, size_t align, bool zero) {
 }
 
 static void check_large_pointer(SegmentHeader* h, const void* p, const char* what) {
-  if (EBB_UNLIKELY(p != reinterpret_cast<char*>(h) + h->offset))
-    os::fatal_pointer(what, "invalid pointer", p);
+  if (EBB_UNLIKELY(p != reinterpret_cast<char*>(h) + h->offset)) os::fatal_pointer(what, "invalid pointer", p);
   if (EBB_UNLIKELY(h->large_state != 1)) os::fatal_pointer(what, "double free", p);
 }
 

@@ -12,7 +12,7 @@
 
 namespace ebb {
 
-constexpr unsigned kFineClasses = 32;  // 16 .. 512 step 16
+constexpr unsigned kFineClasses = 32;                // 16 .. 512 step 16
 constexpr unsigned kNumClasses = kFineClasses + 32;  // .. 128 KiB; class 0 is unused
 constexpr size_t kFineMax = kFineClasses * 16;
 

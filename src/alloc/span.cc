@@ -114,7 +114,8 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
     // Carve slots bump .. bump+n-1, linked in address order.
     uint8_t* p = s->start + size_t{s->bump} * size;
     FreeObj* first = reinterpret_cast<FreeObj*>(p);
-    for (uint32_t i = 0; i + 1 < n; i++, p += size) reinterpret_cast<FreeObj*>(p)->next = reinterpret_cast<FreeObj*>(p + size);
+    for (uint32_t i = 0; i + 1 < n; i++, p += size)
+      reinterpret_cast<FreeObj*>(p)->next = reinterpret_cast<FreeObj*>(p + size);
     reinterpret_cast<FreeObj*>(p)->next = *head;
     *head = first;
     s->bump += n;

@@ -89,7 +89,7 @@ extern "C" __attribute__((visibility("default"))) int ebb_stats(ebb_stats_t* out
 extern "C" __attribute__((visibility("default"))) unsigned ebb_class_count(void) noexcept { return kNumClasses; }
 
 extern "C" __attribute__((visibility("default"))) int ebb_class_stats(unsigned cls, ebb_class_stats_t* out,
-                                                                       size_t size) noexcept {
+                                                                      size_t size) noexcept {
   if (cls < 1 || cls > kNumClasses || out == nullptr || size == 0) return -1;
   ClassTotals t = class_totals(cls);
   ebb_class_stats_t c;

@@ -23,13 +23,23 @@ struct Block {
 
 size_t random_size(std::mt19937_64& rng) {
   switch (rng() % 10) {
-    case 0: return rng() % 16;                  // tiny, 0 included
-    case 1: case 2: case 3: return rng() % 512; // the Python range
-    case 4: case 5: return rng() % 8192;
-    case 6: return rng() % 140000;              // up to just above the small limit
-    case 7: return 131072 + rng() % 8;          // the small/large boundary
-    case 8: return rng() % 2048;
-    default: return rng() % (3 << 20) * (rng() % 8 == 0);  // large now and then
+    case 0:
+      return rng() % 16;  // tiny, 0 included
+    case 1:
+    case 2:
+    case 3:
+      return rng() % 512;  // the Python range
+    case 4:
+    case 5:
+      return rng() % 8192;
+    case 6:
+      return rng() % 140000;  // up to just above the small limit
+    case 7:
+      return 131072 + rng() % 8;  // the small/large boundary
+    case 8:
+      return rng() % 2048;
+    default:
+      return rng() % (3 << 20) * (rng() % 8 == 0);  // large now and then
   }
 }
 
