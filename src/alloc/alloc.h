@@ -19,6 +19,7 @@ EBB_INLINE void* alloc_class(unsigned cls, size_t size) {
   if (EBB_LIKELY(o != nullptr)) {
     cb.head = o->next;
     cb.count--;
+    o->key = 0;  // live now: a later free must not look like a double free
     return o;
   }
   return tcache_alloc_slow(cls);

@@ -60,12 +60,16 @@ void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
       head = o->next;
       auto* h = reinterpret_cast<SegmentHeader*>(reinterpret_cast<uintptr_t>(o) & ~kSegmentMask);
       Span* s = span_of(h, o);
-      o->next = s->free;
-      s->free = o;
+      size_t i = span_slot(s, o);
+      uint64_t bit = uint64_t{1} << (i & 63);
+      if (EBB_UNLIKELY(s->free_bits[i >> 6] & bit)) os::fatal_pointer("free", "double free", o);
+      s->free_bits[i >> 6] |= bit;
+      if (i >> 6 < s->hint) s->hint = static_cast<uint32_t>(i >> 6);
       s->nfree++;
       s->used--;
       s->touched = now;
       s->dirty = true;
+      if (s->used == 0) span_reset(s);
       if (!s->in_list) list_push(b, s);
     }
     b.out -= n;

@@ -28,15 +28,19 @@ struct FreeObj {
   uint64_t key;
 };
 
+constexpr size_t kSpanBitmapWords = 4096 / 64;  // one bit per slot: 4096 slots at most
+
 struct Span {
-  FreeObj* free;  // objects given back to this span (not counting parked ones)
+  uint64_t* free_bits;  // bit i: carved slot i is free here (parked slots excluded)
   uint8_t* start;
   Span* next;  // in the bin's list of spans with free objects
   Span* prev;
   uint32_t used;     // objects out: with the program or in a thread cache
-  uint32_t bump;     // objects carved so far; slots [bump, capacity) were never touched
-  uint32_t nfree;    // length of `free`
-  uint32_t parked;   // free objects kept out of `free` because they overlap purged pages
+  uint32_t bump;     // slots carved so far; slots [bump, capacity) are neither in use nor listed
+  uint32_t high;     // highest bump since the span was made: pages below it may be resident
+  uint32_t nfree;    // bits set in free_bits
+  uint32_t parked;   // free slots left out of free_bits because they overlap purged pages
+  uint32_t hint;     // free_bits words below this one are zero
   uint32_t touched;  // low 32 bits of now_ms() when objects last came back (decay clock)
   uint16_t cls;      // size class; 0 while the slices are not a span
   uint16_t nslices;
@@ -65,10 +69,11 @@ struct Segment {
   SegmentHeader h;
   Segment* next;  // all small segments, oldest first
   Segment* prev;
-  uint64_t free_slices;                 // bit i: slice i belongs to no span (and is not resident)
-  uint32_t empty_since;                 // now_ms() when the last span left (all slices free)
-  Span* slice_span[kSlicesPerSegment];  // the span covering each slice
-  Span spans[kSlicesPerSegment];        // the descriptor of the span starting at slice i
+  uint64_t free_slices;                                     // bit i: slice i belongs to no span (and is not resident)
+  uint32_t empty_since;                                     // now_ms() when the last span left (all slices free)
+  Span* slice_span[kSlicesPerSegment];                      // the span covering each slice
+  Span spans[kSlicesPerSegment];                            // the descriptor of the span starting at slice i
+  uint64_t free_bits[kSlicesPerSegment][kSpanBitmapWords];  // the bitmap of that span
 };
 static_assert(sizeof(Segment) <= kSliceSize * kFirstSpanSlice, "segment header must fit its slices");
 
@@ -109,8 +114,15 @@ void options_load();
 void ensure_init();
 
 // ---- segments (segment.cc) --------------------------------------------------
+// One bit per 4 MiB of address space, set where a segment starts (segment.cc).
+constexpr size_t kRegistryWords = size_t{1} << (kAddressBits - kSegmentShift - 6);
+extern std::atomic<uint64_t> g_registry[kRegistryWords];
 void registry_set(uintptr_t seg, bool on);
-bool registry_has(uintptr_t seg);
+EBB_INLINE bool registry_has(uintptr_t seg) {
+  size_t bit = seg >> kSegmentShift;
+  if (EBB_UNLIKELY(bit >> 6 >= kRegistryWords)) return false;
+  return (g_registry[bit >> 6].load(std::memory_order_acquire) >> (bit & 63)) & 1;
+}
 // Large objects aligned to 4 MiB or more start a 4 MiB chunk themselves; their
 // header is the page before. A second registry marks those chunks.
 void registry_set_shifted(uintptr_t chunk, bool on);
@@ -135,8 +147,16 @@ void span_init(Span* s, unsigned cls);
 uint32_t span_take(Span* s, uint32_t want, FreeObj** head);
 // Gives pages that hold no live object back to the OS; returns bytes purged.
 size_t span_purge(Span* s);
+// The last object came back: start carving from the first slot again, so the
+// span is reused in address order instead of in the order it was freed.
+void span_reset(Span* s);
 bool span_is_free_slot(Span* s, const void* p);  // for double-free reports (slow)
 size_t span_resident_pages(const Span* s);
+// Slot index of object p in span s.
+EBB_INLINE size_t span_slot(const Span* s, const void* p) {
+  uint64_t off = static_cast<uint64_t>(static_cast<const uint8_t*>(p) - s->start);
+  return static_cast<size_t>((off * kClasses[s->cls].recip) >> 40);
+}
 EBB_INLINE Span* span_of(SegmentHeader* h, const void* p) {
   auto* seg = reinterpret_cast<Segment*>(h);
   size_t slice = (reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(h)) >> kSliceShift;

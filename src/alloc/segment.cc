@@ -11,11 +11,11 @@ namespace ebb {
 // zero-filled .bss, of which only the pages for addresses in use ever become
 // resident. A pointer whose bit is clear was not handed out by libebb (it may
 // come from the dynamic loader before libebb was in place) and is left alone.
-static std::atomic<uint64_t> g_registry[size_t{1} << (kAddressBits - kSegmentShift - 6)];
+std::atomic<uint64_t> g_registry[kRegistryWords];
 // Chunks that start with a large object whose header is in the page before.
 // Rare (alignments of 4 MiB or more), so a small sorted table would do too;
 // a bitmap keeps the lookup trivially correct and costs only address space.
-static std::atomic<uint64_t> g_registry_shifted[size_t{1} << (kAddressBits - kSegmentShift - 6)];
+static std::atomic<uint64_t> g_registry_shifted[kRegistryWords];
 
 Lock g_segment_lock;
 Segment* g_segments = nullptr;  // small segments, in creation order
@@ -32,12 +32,11 @@ static void bitmap_set(std::atomic<uint64_t>* map, uintptr_t chunk, bool on) {
 
 static bool bitmap_has(const std::atomic<uint64_t>* map, uintptr_t chunk) {
   size_t bit = chunk >> kSegmentShift;
-  if (EBB_UNLIKELY(bit >> 6 >= sizeof g_registry / sizeof g_registry[0])) return false;
+  if (EBB_UNLIKELY(bit >> 6 >= kRegistryWords)) return false;
   return (map[bit >> 6].load(std::memory_order_acquire) >> (bit & 63)) & 1;
 }
 
 void registry_set(uintptr_t seg, bool on) { bitmap_set(g_registry, seg, on); }
-bool registry_has(uintptr_t seg) { return bitmap_has(g_registry, seg); }
 void registry_set_shifted(uintptr_t chunk, bool on) { bitmap_set(g_registry_shifted, chunk, on); }
 
 SegmentHeader* segment_of_shifted(const void* p) {
@@ -114,6 +113,7 @@ Span* segment_alloc_span(unsigned nslices) {
   }
   seg->free_slices &= ~run_mask(static_cast<unsigned>(first), nslices);
   Span* span = &seg->spans[first];
+  span->free_bits = seg->free_bits[first];
   span->start = reinterpret_cast<uint8_t*>(seg) + (static_cast<size_t>(first) << kSliceShift);
   span->nslices = static_cast<uint16_t>(nslices);
   for (unsigned i = 0; i < nslices; i++) seg->slice_span[first + i] = span;

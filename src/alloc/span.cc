@@ -1,11 +1,20 @@
 // Spans: the objects of one size class in 1..16 slices, and giving back the
 // pages inside a span that hold no live object.
 //
+// A span keeps its free slots in a bitmap (in the segment header), not in a
+// list threaded through the objects: giving an object back touches only the
+// bitmap, and taking a batch out scans bits in address order and writes each
+// object's link once, with no chain of dependent loads through cold memory.
+//
 // Fresh slots are carved lazily (`bump`), so a new span touches only the
-// pages it hands out. A purged page's free slots are "parked": kept out of
-// the free list, because their links were in the page the kernel just
-// zeroed. They come back (unparked) only when the span runs out of other free
-// slots, which is when refaulting the page is worth it.
+// pages it hands out. A purged page's free slots are "parked": left out of
+// the bitmap until the span runs out of other free slots, which is when
+// refaulting the page is worth it.
+//
+// Purged pages are of two kinds: inside the carved part (their slots are
+// parked), or wholly above it (nothing there was carved since the last
+// reset; carving clears their bit). The page that straddles the carve line
+// is never purged, so the two kinds never mix.
 #include <cstring>
 
 #include "heap.h"
@@ -15,13 +24,9 @@ namespace ebb {
 
 namespace {
 
-EBB_INLINE uint32_t slot_index(const Span* s, const void* p) {
-  uint64_t off = static_cast<uint64_t>(static_cast<const uint8_t*>(p) - s->start);
-  return static_cast<uint32_t>((off * kClasses[s->cls].recip) >> 40);
-}
-
 bool page_purged(const Span* s, size_t page) { return (s->purged[page >> 6] >> (page & 63)) & 1; }
 void set_purged(Span* s, size_t page) { s->purged[page >> 6] |= uint64_t{1} << (page & 63); }
+void clear_purged(Span* s, size_t page) { s->purged[page >> 6] &= ~(uint64_t{1} << (page & 63)); }
 bool any_purged(const Span* s) {
   for (uint64_t w : s->purged)
     if (w != 0) return true;
@@ -38,6 +43,18 @@ bool overlaps_purged(const Span* s, size_t idx, size_t size) {
   return false;
 }
 
+EBB_INLINE bool test_bit(const uint64_t* bits, size_t i) { return (bits[i >> 6] >> (i & 63)) & 1; }
+EBB_INLINE void set_bit(uint64_t* bits, size_t i) { bits[i >> 6] |= uint64_t{1} << (i & 63); }
+
+size_t bitmap_words(uint32_t slots) { return (size_t{slots} + 63) / 64; }
+
+uint32_t first_nonzero_word(const Span* s) {
+  size_t words = bitmap_words(s->bump);
+  for (size_t w = 0; w < words; w++)
+    if (s->free_bits[w] != 0) return static_cast<uint32_t>(w);
+  return static_cast<uint32_t>(words);
+}
+
 // Decommits pages [first, end) of the span; returns bytes.
 size_t decommit_pages(Span* s, size_t first, size_t end) {
   if (end <= first) return 0;
@@ -48,44 +65,28 @@ size_t decommit_pages(Span* s, size_t first, size_t end) {
   return bytes;
 }
 
-// Puts the parked slots back on the free list (which is empty when called).
+// Puts the parked slots back in the bitmap; their pages fault back in on use.
 void unpark(Span* s) {
   const size_t size = class_size(s->cls);
-  const size_t pages = s->bytes() >> kPageShift;
-  FreeObj* head = nullptr;
-  FreeObj** tail = &head;
-  size_t next_slot = 0;
-  uint32_t n = 0;
-  for (size_t p = 0; p < pages; p++) {
-    if (!page_purged(s, p)) continue;
-    size_t first = (p << kPageShift) / size;
-    size_t last = (((p + 1) << kPageShift) - 1) / size;
-    if (last >= s->bump) last = s->bump - 1;
-    for (size_t i = first > next_slot ? first : next_slot; i <= last; i++) {
-      auto* o = reinterpret_cast<FreeObj*>(s->start + i * size);
-      *tail = o;
-      tail = &o->next;
-      n++;
-    }
-    next_slot = last + 1;
-  }
-  *tail = s->free;
-  s->free = head;
-  s->nfree += n;
+  const size_t carved_pages = (size_t{s->bump} * size) >> kPageShift;
+  for (size_t i = 0; i < s->bump; i++)
+    if (overlaps_purged(s, i, size)) set_bit(s->free_bits, i);
+  for (size_t p = 0; p < carved_pages; p++) clear_purged(s, p);
+  s->nfree += s->parked;
   s->parked = 0;
-  memset(s->purged, 0, sizeof s->purged);
+  s->hint = first_nonzero_word(s);
 }
 
 }  // namespace
 
 void span_init(Span* s, unsigned cls) {
-  s->free = nullptr;
   s->next = s->prev = nullptr;
-  s->used = s->bump = s->nfree = s->parked = 0;
+  s->used = s->bump = s->high = s->nfree = s->parked = s->hint = 0;
   s->touched = 0;
   s->cls = static_cast<uint16_t>(cls);
   s->in_list = false;
   s->dirty = false;
+  memset(s->free_bits, 0, bitmap_words(kClasses[cls].capacity) * sizeof(uint64_t));
   memset(s->purged, 0, sizeof s->purged);
 }
 
@@ -94,132 +95,152 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
   const uint32_t cap = kClasses[s->cls].capacity;
   if (s->nfree == 0 && s->bump == cap && s->parked > 0) unpark(s);
   uint32_t got = 0;
+  FreeObj* first = nullptr;
+  FreeObj** tail = &first;
   if (s->nfree > 0) {
-    // Cut the first `want` objects off the free list, keeping their order.
-    FreeObj* first = s->free;
-    FreeObj* last = first;
-    got = 1;
-    while (got < want && last->next != nullptr) {
-      last = last->next;
-      got++;
+    // Lowest addresses first: a batch lands on as few pages as possible.
+    const size_t words = bitmap_words(s->bump);
+    size_t w = s->hint;
+    for (; w < words && got < want; w++) {
+      uint64_t m = s->free_bits[w];
+      while (m != 0 && got < want) {
+        size_t i = w * 64 + static_cast<size_t>(__builtin_ctzll(m));
+        m &= m - 1;
+        auto* o = reinterpret_cast<FreeObj*>(s->start + i * size);
+        *tail = o;
+        tail = &o->next;
+        got++;
+      }
+      s->free_bits[w] = m;
+      if (m != 0) break;
     }
-    s->free = last->next;
+    s->hint = static_cast<uint32_t>(w);
     s->nfree -= got;
-    last->next = *head;
-    *head = first;
   }
   if (got < want && s->bump < cap) {
     uint32_t n = want - got;
     if (n > cap - s->bump) n = cap - s->bump;
-    // Carve slots bump .. bump+n-1, linked in address order.
+    if (any_purged(s)) {  // carving refaults these pages: they are no longer purged
+      for (size_t pg = first_page(s->bump, size); pg <= last_page(s->bump + n - 1, size); pg++) clear_purged(s, pg);
+    }
     uint8_t* p = s->start + size_t{s->bump} * size;
-    FreeObj* first = reinterpret_cast<FreeObj*>(p);
-    for (uint32_t i = 0; i + 1 < n; i++, p += size)
-      reinterpret_cast<FreeObj*>(p)->next = reinterpret_cast<FreeObj*>(p + size);
-    reinterpret_cast<FreeObj*>(p)->next = *head;
-    *head = first;
+    for (uint32_t i = 0; i < n; i++, p += size) {
+      auto* o = reinterpret_cast<FreeObj*>(p);
+      *tail = o;
+      tail = &o->next;
+    }
     s->bump += n;
+    if (s->bump > s->high) s->high = s->bump;
     got += n;
   }
+  *tail = *head;
+  *head = first;
   s->used += got;
   return got;
+}
+
+void span_reset(Span* s) {
+  // Parked slots become plain uncarved slots; purged pages keep their bit,
+  // which now means "above the carve line and not resident".
+  memset(s->free_bits, 0, bitmap_words(s->bump) * sizeof(uint64_t));
+  s->nfree = 0;
+  s->parked = 0;
+  s->bump = 0;
+  s->hint = 0;
 }
 
 size_t span_purge(Span* s) {
   const size_t size = class_size(s->cls);
   const size_t carved_bytes = size_t{s->bump} * size;
+  const size_t touched_pages = (size_t{s->high} * size + kPageSize - 1) >> kPageShift;
   s->dirty = false;
   if (s->used == 0) {
-    // Nothing live: every touched page goes, then the slices go back to the segment.
-    size_t end = (carved_bytes + kPageSize - 1) >> kPageShift;
+    // Nothing live: every page that may be resident goes, then the slices go
+    // back to the segment.
     size_t bytes = 0;
     size_t run = 0;
-    for (size_t p = 0; p <= end; p++) {
-      bool skip = p == end || page_purged(s, p);
-      if (skip) {
+    for (size_t p = 0; p <= touched_pages; p++) {
+      if (p == touched_pages || page_purged(s, p)) {
         bytes += decommit_pages(s, run, p);
         run = p + 1;
       }
     }
     return bytes;
   }
-  if (s->nfree == 0) return 0;
+  if (s->nfree == 0 && s->high == s->bump) return 0;
 
-  // Which slots are free: the free list plus the parked slots.
-  uint64_t free_bits[4096 / 64];
-  const size_t words = (s->bump + 63) / 64;
-  memset(free_bits, 0, words * sizeof(uint64_t));
-  for (FreeObj* o = s->free; o != nullptr; o = o->next) {
-    uint32_t i = slot_index(s, o);
-    free_bits[i >> 6] |= uint64_t{1} << (i & 63);
-  }
-  const bool had_purged = any_purged(s);
-  if (had_purged) {
+  // Which slots are free: the bitmap plus the parked slots.
+  uint64_t free_map[kSpanBitmapWords];
+  const size_t words = bitmap_words(s->bump);
+  memcpy(free_map, s->free_bits, words * sizeof(uint64_t));
+  if (s->parked > 0) {
     for (size_t i = 0; i < s->bump; i++)
-      if (overlaps_purged(s, i, size)) free_bits[i >> 6] |= uint64_t{1} << (i & 63);
+      if (overlaps_purged(s, i, size)) set_bit(free_map, i);
   }
-  auto is_free = [&](size_t i) { return (free_bits[i >> 6] >> (i & 63)) & 1; };
 
-  // A page can go when it lies wholly in the carved part (so carving never
-  // runs into it) and every slot touching it is free.
+  // A page can go when it lies wholly in the carved part and every slot
+  // touching it is free, or wholly above the carved part.
   const size_t full_pages = carved_bytes >> kPageShift;
+  const size_t first_uncarved_page = (carved_bytes + kPageSize - 1) >> kPageShift;
   size_t bytes = 0;
   size_t run = 0;
   bool run_open = false;
-  for (size_t p = 0; p <= full_pages; p++) {
+  bool parked_more = false;
+  for (size_t p = 0; p <= touched_pages; p++) {
     bool take = false;
-    if (p < full_pages && !page_purged(s, p)) {
-      take = true;
-      size_t first = (p << kPageShift) / size;
-      size_t last = (((p + 1) << kPageShift) - 1) / size;
-      for (size_t i = first; i <= last && take; i++) take = is_free(i);
+    if (p < touched_pages && !page_purged(s, p)) {
+      if (p < full_pages) {
+        take = true;
+        size_t first = (p << kPageShift) / size;
+        size_t last = (((p + 1) << kPageShift) - 1) / size;
+        for (size_t i = first; i <= last && take; i++) take = test_bit(free_map, i);
+      } else {
+        take = p >= first_uncarved_page;
+      }
     }
     if (take && !run_open) {
       run = p;
       run_open = true;
     } else if (!take && run_open) {
       size_t got = decommit_pages(s, run, p);
-      if (got != 0)
+      if (got != 0) {
         for (size_t q = run; q < p; q++) set_purged(s, q);
+        parked_more |= run < full_pages;
+      }
       bytes += got;
       run_open = false;
     }
   }
-  if (bytes == 0) return 0;
 
-  // Rebuild the free list from the slots that do not touch a purged page, in
-  // address order (reads no purged page: the links are written fresh).
-  FreeObj* head = nullptr;
-  FreeObj** tail = &head;
-  uint32_t nfree = 0;
-  uint32_t total = 0;
-  for (size_t i = 0; i < s->bump; i++) {
-    if (!is_free(i)) continue;
-    total++;
-    if (overlaps_purged(s, i, size)) continue;
-    auto* o = reinterpret_cast<FreeObj*>(s->start + i * size);
-    *tail = o;
-    tail = &o->next;
-    nfree++;
+  if (parked_more) {
+    // Free slots touching a purged page leave the bitmap: they are parked.
+    uint32_t nfree = 0, total = 0;
+    for (size_t i = 0; i < s->bump; i++) {
+      if (!test_bit(free_map, i)) continue;
+      total++;
+      if (overlaps_purged(s, i, size)) {
+        s->free_bits[i >> 6] &= ~(uint64_t{1} << (i & 63));
+      } else {
+        nfree++;
+      }
+    }
+    s->nfree = nfree;
+    s->parked = total - nfree;
+    s->hint = first_nonzero_word(s);
   }
-  *tail = nullptr;
-  s->free = head;
-  s->nfree = nfree;
-  s->parked = total - nfree;
   return bytes;
 }
 
 bool span_is_free_slot(Span* s, const void* p) {
-  for (FreeObj* o = s->free; o != nullptr; o = o->next)
-    if (o == p) return true;
-  return s->parked > 0 && overlaps_purged(s, slot_index(s, p), class_size(s->cls));
+  size_t i = span_slot(s, p);
+  return test_bit(s->free_bits, i) || (s->parked > 0 && overlaps_purged(s, i, class_size(s->cls)));
 }
 
 size_t span_resident_pages(const Span* s) {
-  size_t carved = (size_t{s->bump} * class_size(s->cls) + kPageSize - 1) >> kPageShift;
+  size_t touched = (size_t{s->high} * class_size(s->cls) + kPageSize - 1) >> kPageShift;
   size_t purged = 0;
   for (uint64_t w : s->purged) purged += static_cast<size_t>(__builtin_popcountll(w));
-  return carved > purged ? carved - purged : 0;
+  return touched > purged ? touched - purged : 0;
 }
 
 }  // namespace ebb

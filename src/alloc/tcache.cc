@@ -95,6 +95,7 @@ void* tcache_alloc_slow(unsigned cls) {
   FreeObj* o = cb.head;
   cb.head = o->next;
   cb.count--;
+  o->key = 0;
   return o;
 }
 

@@ -254,7 +254,8 @@ TEST(BadInputDeathTest, DoubleFreeAfterTheCacheWasFlushed) {
         ebb_trim();
         free(p);
       },
-      "ebb: free\\(\\): double free 0x");
+      // The span may have emptied and restarted carving: then p is past the carve line.
+      "ebb: free\\(\\): (double free|invalid pointer) 0x");
 }
 
 TEST(BadInputDeathTest, DoubleFreeOfLargeObject) {
