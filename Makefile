@@ -45,7 +45,7 @@ bench-speed: build
 	EBB_LIB=$(CURDIR)/$(BUILD)/lib/libebb.so $(PY) bench/run_speed.py --runs 5
 
 bench-micro: build
-	EBB_LIB=$(CURDIR)/$(BUILD)/lib/libebb.so $(PY) bench/run_micro.py $(BUILD)/bench/micro/ebb_micro_bench
+	EBB_LIB=$(CURDIR)/$(BUILD)/lib/libebb.so $(PY) bench/run_micro.py $(BUILD)/bin/ebb_micro_bench
 
 install: build
 	cmake --install $(BUILD) --prefix $(or $(PREFIX),/usr/local)

@@ -62,8 +62,9 @@ void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
       Span* s = span_of(h, o);
       size_t i = span_slot(s, o);
       uint64_t bit = uint64_t{1} << (i & 63);
-      if (EBB_UNLIKELY(s->free_bits[i >> 6] & bit)) os::fatal_pointer("free", "double free", o);
-      s->free_bits[i >> 6] |= bit;
+      uint64_t& word = span_word(s, i >> 6);
+      if (EBB_UNLIKELY(word & bit)) os::fatal_pointer("free", "double free", o);
+      word |= bit;
       if (i >> 6 < s->hint) s->hint = static_cast<uint32_t>(i >> 6);
       s->nfree++;
       s->used--;

@@ -69,11 +69,15 @@ struct Segment {
   SegmentHeader h;
   Segment* next;  // all small segments, oldest first
   Segment* prev;
-  uint64_t free_slices;                                     // bit i: slice i belongs to no span (and is not resident)
-  uint32_t empty_since;                                     // now_ms() when the last span left (all slices free)
-  Span* slice_span[kSlicesPerSegment];                      // the span covering each slice
-  Span spans[kSlicesPerSegment];                            // the descriptor of the span starting at slice i
-  uint64_t free_bits[kSlicesPerSegment][kSpanBitmapWords];  // the bitmap of that span
+  uint64_t free_slices;                 // bit i: slice i belongs to no span (and is not resident)
+  uint32_t empty_since;                 // now_ms() when the last span left (all slices free)
+  Span* slice_span[kSlicesPerSegment];  // the span covering each slice
+  Span spans[kSlicesPerSegment];        // the descriptor of the span starting at slice i
+  // The spans' free bitmaps, stored by cache line: line 0 (words 0-7) of every
+  // span, then line 1 of every span, and so on. A class that needs few words
+  // per span (all but the smallest) then touches one or two pages of bitmap
+  // per segment instead of eight.
+  uint64_t free_bits[kSpanBitmapWords / 8][kSlicesPerSegment][8];
 };
 static_assert(sizeof(Segment) <= kSliceSize * kFirstSpanSlice, "segment header must fit its slices");
 
@@ -152,6 +156,11 @@ size_t span_purge(Span* s);
 void span_reset(Span* s);
 bool span_is_free_slot(Span* s, const void* p);  // for double-free reports (slow)
 size_t span_resident_pages(const Span* s);
+// Word w of span s's free bitmap (see Segment::free_bits).
+EBB_INLINE uint64_t& span_word(const Span* s, size_t w) {
+  return s->free_bits[(w / 8) * (kSlicesPerSegment * 8) + w % 8];
+}
+
 // Slot index of object p in span s.
 EBB_INLINE size_t span_slot(const Span* s, const void* p) {
   uint64_t off = static_cast<uint64_t>(static_cast<const uint8_t*>(p) - s->start);

@@ -113,7 +113,7 @@ Span* segment_alloc_span(unsigned nslices) {
   }
   seg->free_slices &= ~run_mask(static_cast<unsigned>(first), nslices);
   Span* span = &seg->spans[first];
-  span->free_bits = seg->free_bits[first];
+  span->free_bits = &seg->free_bits[0][first][0];
   span->start = reinterpret_cast<uint8_t*>(seg) + (static_cast<size_t>(first) << kSliceShift);
   span->nslices = static_cast<uint16_t>(nslices);
   for (unsigned i = 0; i < nslices; i++) seg->slice_span[first + i] = span;

@@ -48,10 +48,14 @@ EBB_INLINE void set_bit(uint64_t* bits, size_t i) { bits[i >> 6] |= uint64_t{1} 
 
 size_t bitmap_words(uint32_t slots) { return (size_t{slots} + 63) / 64; }
 
+void clear_bitmap(Span* s, uint32_t slots) {
+  for (size_t w = 0; w < bitmap_words(slots); w++) span_word(s, w) = 0;
+}
+
 uint32_t first_nonzero_word(const Span* s) {
   size_t words = bitmap_words(s->bump);
   for (size_t w = 0; w < words; w++)
-    if (s->free_bits[w] != 0) return static_cast<uint32_t>(w);
+    if (span_word(s, w) != 0) return static_cast<uint32_t>(w);
   return static_cast<uint32_t>(words);
 }
 
@@ -70,7 +74,7 @@ void unpark(Span* s) {
   const size_t size = class_size(s->cls);
   const size_t carved_pages = (size_t{s->bump} * size) >> kPageShift;
   for (size_t i = 0; i < s->bump; i++)
-    if (overlaps_purged(s, i, size)) set_bit(s->free_bits, i);
+    if (overlaps_purged(s, i, size)) span_word(s, i >> 6) |= uint64_t{1} << (i & 63);
   for (size_t p = 0; p < carved_pages; p++) clear_purged(s, p);
   s->nfree += s->parked;
   s->parked = 0;
@@ -86,7 +90,7 @@ void span_init(Span* s, unsigned cls) {
   s->cls = static_cast<uint16_t>(cls);
   s->in_list = false;
   s->dirty = false;
-  memset(s->free_bits, 0, bitmap_words(kClasses[cls].capacity) * sizeof(uint64_t));
+  clear_bitmap(s, kClasses[cls].capacity);
   memset(s->purged, 0, sizeof s->purged);
 }
 
@@ -102,7 +106,7 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
     const size_t words = bitmap_words(s->bump);
     size_t w = s->hint;
     for (; w < words && got < want; w++) {
-      uint64_t m = s->free_bits[w];
+      uint64_t m = span_word(s, w);
       while (m != 0 && got < want) {
         size_t i = w * 64 + static_cast<size_t>(__builtin_ctzll(m));
         m &= m - 1;
@@ -111,7 +115,7 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
         tail = &o->next;
         got++;
       }
-      s->free_bits[w] = m;
+      span_word(s, w) = m;
       if (m != 0) break;
     }
     s->hint = static_cast<uint32_t>(w);
@@ -142,7 +146,7 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
 void span_reset(Span* s) {
   // Parked slots become plain uncarved slots; purged pages keep their bit,
   // which now means "above the carve line and not resident".
-  memset(s->free_bits, 0, bitmap_words(s->bump) * sizeof(uint64_t));
+  clear_bitmap(s, s->bump);
   s->nfree = 0;
   s->parked = 0;
   s->bump = 0;
@@ -172,7 +176,7 @@ size_t span_purge(Span* s) {
   // Which slots are free: the bitmap plus the parked slots.
   uint64_t free_map[kSpanBitmapWords];
   const size_t words = bitmap_words(s->bump);
-  memcpy(free_map, s->free_bits, words * sizeof(uint64_t));
+  for (size_t w = 0; w < words; w++) free_map[w] = span_word(s, w);
   if (s->parked > 0) {
     for (size_t i = 0; i < s->bump; i++)
       if (overlaps_purged(s, i, size)) set_bit(free_map, i);
@@ -219,7 +223,7 @@ size_t span_purge(Span* s) {
       if (!test_bit(free_map, i)) continue;
       total++;
       if (overlaps_purged(s, i, size)) {
-        s->free_bits[i >> 6] &= ~(uint64_t{1} << (i & 63));
+        span_word(s, i >> 6) &= ~(uint64_t{1} << (i & 63));
       } else {
         nfree++;
       }
@@ -233,7 +237,7 @@ size_t span_purge(Span* s) {
 
 bool span_is_free_slot(Span* s, const void* p) {
   size_t i = span_slot(s, p);
-  return test_bit(s->free_bits, i) || (s->parked > 0 && overlaps_purged(s, i, class_size(s->cls)));
+  return ((span_word(s, i >> 6) >> (i & 63)) & 1) || (s->parked > 0 && overlaps_purged(s, i, class_size(s->cls)));
 }
 
 size_t span_resident_pages(const Span* s) {

@@ -1,0 +1,128 @@
+#!/usr/bin/python3
+"""Allocator name -> environment for a benchmarked child process.
+
+Every preloaded allocator (ebb and the peers) runs with PYTHONMALLOC=malloc so
+that it sees all of CPython's allocations, small objects included; `pymalloc`
+is CPython's default (no preload, no PYTHONMALLOC).  Peer libraries are found
+with `dpkg -L <package>`; a library that is absent is reported on stderr and
+skipped.  Run this file to list the allocators and their status.
+"""
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+PYTHON = "/usr/bin/python3"
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_EBB_LIB = BENCH_DIR.parent / "build" / "lib" / "libebb.so"
+
+# Debian package and a pattern for the library file it ships.
+PEER_PACKAGES = {
+    "jemalloc": ("libjemalloc2", r"/libjemalloc\.so\.2$"),
+    "mimalloc": ("libmimalloc2.0", r"/libmimalloc\.so\.2$"),
+    "tcmalloc": ("libtcmalloc-minimal4", r"/libtcmalloc_minimal\.so\.4$"),
+}
+
+# Variables that must not leak from the caller's environment into a run.
+CONTROLLED = ("LD_PRELOAD", "PYTHONMALLOC", "MALLOC_CONF", "EBB_BENCH_TRIM")
+
+NAMES = ["ebb", "glibc", "glibc+trim", "jemalloc", "jemalloc-decay0",
+         "mimalloc", "tcmalloc", "pymalloc"]
+
+
+def ebb_lib():
+    return Path(os.environ.get("EBB_LIB", DEFAULT_EBB_LIB))
+
+
+def dpkg_lib(package, pattern):
+    """Path of the library matching pattern in `dpkg -L package`, or None."""
+    try:
+        out = subprocess.run(["dpkg", "-L", package], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for line in out.splitlines():
+        if re.search(pattern, line) and os.path.exists(line):
+            return Path(line)
+    return None
+
+
+def spec(name):
+    """(extra environment, error) for an allocator; error is None if usable."""
+    if name == "pymalloc":
+        return {}, None
+    if name == "glibc":
+        return {"PYTHONMALLOC": "malloc"}, None
+    if name == "glibc+trim":
+        return {"PYTHONMALLOC": "malloc", "EBB_BENCH_TRIM": "1"}, None
+    if name == "ebb":
+        lib = ebb_lib()
+        if not lib.is_file():
+            return None, f"{lib} not found (build ebb or set EBB_LIB)"
+    elif name in ("jemalloc", "jemalloc-decay0", "mimalloc", "tcmalloc"):
+        package, pattern = PEER_PACKAGES[name.split("-")[0]]
+        lib = dpkg_lib(package, pattern)
+        if lib is None:
+            return None, f"library of Debian package {package} not found"
+    else:
+        return None, f"unknown allocator (known: {', '.join(NAMES)})"
+    env = {"LD_PRELOAD": str(lib), "PYTHONMALLOC": "malloc"}
+    if name == "jemalloc-decay0":
+        env["MALLOC_CONF"] = "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0"
+    return env, None
+
+
+def environment(extra):
+    """The caller's environment with CONTROLLED variables replaced by extra."""
+    env = {k: v for k, v in os.environ.items() if k not in CONTROLLED}
+    env.update(extra)
+    return env
+
+
+def resolve(names):
+    """[(name, full environment)] for the usable allocators among names.
+
+    Unusable ones are reported on stderr and skipped.
+    """
+    usable = []
+    for name in names:
+        extra, error = spec(name)
+        if error:
+            print(f"skipping allocator {name}: {error}", file=sys.stderr)
+        else:
+            usable.append((name, environment(extra)))
+    return usable
+
+
+def run_child(cmd, env, timeout):
+    """Run cmd; return its stdout, or raise RuntimeError saying what failed."""
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"timed out after {timeout} s") from None
+    if p.returncode != 0:
+        how = (f"killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0
+               else f"exit status {p.returncode}")
+        tail = " | ".join(p.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"{how}{': ' + tail if tail else ''}")
+    return p.stdout
+
+
+def split_names(text):
+    """Parse a comma-separated --allocators value ("all" = every allocator)."""
+    return NAMES if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+
+
+def main():
+    argparse.ArgumentParser(description=__doc__).parse_args()
+    for name in NAMES:
+        extra, error = spec(name)
+        shown = " ".join(f"{k}={v}" for k, v in extra.items()) if extra is not None else ""
+        print(f"{name:16} {'MISSING: ' + error if error else shown or '(default CPython)'}")
+
+
+if __name__ == "__main__":
+    main()
