@@ -6,6 +6,10 @@ that it sees all of CPython's allocations, small objects included; `pymalloc`
 is CPython's default (no preload, no PYTHONMALLOC).  Peer libraries are found
 with `dpkg -L <package>`; a library that is absent is reported on stderr and
 skipped.  Run this file to list the allocators and their status.
+
+`ebb:VAR=VALUE[:VAR=VALUE...]` is ebb with libebb's own settings, e.g.
+`ebb:EBB_PURGE_DELAY_MS=1000` or `ebb:EBB_BACKGROUND=0`, to measure what a
+setting trades.
 """
 import argparse
 import os
@@ -27,7 +31,8 @@ PEER_PACKAGES = {
 }
 
 # Variables that must not leak from the caller's environment into a run.
-CONTROLLED = ("LD_PRELOAD", "PYTHONMALLOC", "MALLOC_CONF", "EBB_BENCH_TRIM")
+CONTROLLED = ("LD_PRELOAD", "PYTHONMALLOC", "MALLOC_CONF", "EBB_BENCH_TRIM",
+              "EBB_PURGE_DELAY_MS", "EBB_BACKGROUND", "EBB_TCACHE_BYTES", "EBB_LARGE_CACHE_MB")
 
 NAMES = ["ebb", "glibc", "glibc+trim", "jemalloc", "jemalloc-decay0",
          "mimalloc", "tcmalloc", "pymalloc"]
@@ -58,6 +63,14 @@ def spec(name):
         return {"PYTHONMALLOC": "malloc"}, None
     if name == "glibc+trim":
         return {"PYTHONMALLOC": "malloc", "EBB_BENCH_TRIM": "1"}, None
+    settings = {}
+    if name.startswith("ebb:"):
+        for item in name[4:].split(":"):
+            key, sep, value = item.partition("=")
+            if not sep or not key.startswith("EBB_"):
+                return None, f"bad ebb setting {item!r} (want EBB_NAME=VALUE)"
+            settings[key] = value
+        name = "ebb"
     if name == "ebb":
         lib = ebb_lib()
         if not lib.is_file():
@@ -69,7 +82,7 @@ def spec(name):
             return None, f"library of Debian package {package} not found"
     else:
         return None, f"unknown allocator (known: {', '.join(NAMES)})"
-    env = {"LD_PRELOAD": str(lib), "PYTHONMALLOC": "malloc"}
+    env = {"LD_PRELOAD": str(lib), "PYTHONMALLOC": "malloc", **settings}
     if name == "jemalloc-decay0":
         env["MALLOC_CONF"] = "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0"
     return env, None

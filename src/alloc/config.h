@@ -33,7 +33,7 @@ constexpr size_t kPageSize = size_t{1} << kPageShift;
 constexpr size_t kMaxSpanPages = kMaxSpanSlices * kSliceSize / kPageSize;  // 256
 
 // Objects up to this size live in spans; larger ones get their own mapping.
-constexpr size_t kMaxSmallSize = 128 * 1024;
+constexpr size_t kMaxSmallSize = size_t{128} * 1024;
 // The smallest object and the alignment malloc promises (max_align_t on x86-64).
 constexpr size_t kMinAlign = 16;
 // User-space addresses fit in 48 bits on x86-64 (4-level paging) and arm64.

@@ -14,7 +14,7 @@ namespace ebb {
 
 constexpr unsigned kFineClasses = 32;                // 16 .. 512 step 16
 constexpr unsigned kNumClasses = kFineClasses + 32;  // .. 128 KiB; class 0 is unused
-constexpr size_t kFineMax = kFineClasses * 16;
+constexpr size_t kFineMax = size_t{kFineClasses} * 16;
 
 constexpr unsigned floor_log2(size_t x) { return 63u - static_cast<unsigned>(__builtin_clzll(x)); }
 

@@ -90,7 +90,10 @@ void span_init(Span* s, unsigned cls) {
   s->cls = static_cast<uint16_t>(cls);
   s->in_list = false;
   s->dirty = false;
-  clear_bitmap(s, kClasses[cls].capacity);
+  // The bitmap is already zero: fresh segments are, and a span leaves only
+  // through span_reset (its last object came back), which clears it. Not
+  // touching it here keeps a span that is only ever carved from faulting in
+  // bitmap pages.
   memset(s->purged, 0, sizeof s->purged);
 }
 
