@@ -1,0 +1,11 @@
+// Every subcommand registers itself on the top-level CLI11 app; the callback
+// stores the subcommand's exit status in `rc`.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace ebb::cli {
+
+void register_ps(CLI::App& app, int& rc);
+
+}  // namespace ebb::cli

@@ -1,0 +1,21 @@
+// ebb: see and control the memory of Python worker fleets.
+#include <CLI/CLI.hpp>
+
+#include "commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"ebb: keep long-running Python worker fleets lean.\nSee docs/ for a page per command."};
+  app.name("ebb");
+  app.set_version_flag("--version", "ebb " EBB_VERSION_STRING);
+  app.require_subcommand(1);
+  app.fallthrough(false);
+  int rc = 0;
+  ebb::cli::register_ps(app, rc);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int code = app.exit(e);
+    return code == 0 ? 0 : 2;  // usage errors: exit status 2, as getopt tools do
+  }
+  return rc;
+}
