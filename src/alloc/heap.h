@@ -215,6 +215,23 @@ void purge_notify();
 size_t purge_all(bool force, bool* pending);
 void purger_after_fork_child();
 
+// Starts the purger thread now if it is not running (and creates the
+// telemetry page first when EBB_TELEMETRY=1).
+void purger_start();
+
+// ---- telemetry page (telemetry.cc, layout in src/telemetry/page.h) ----------
+bool telemetry_wanted();
+void telemetry_open();
+void telemetry_publish(bool force);
+void telemetry_serve();
+// How long the purger may sleep: the purge tick when something is pending,
+// capped by the next stats publication; 0 = no limit (telemetry off, idle).
+uint32_t telemetry_wait_ms(bool pending, uint32_t tick_ms);
+std::atomic<uint32_t>* telemetry_wake_word();  // nullptr when telemetry is off
+bool telemetry_over_soft_limit();
+void telemetry_count_pass();
+void telemetry_after_fork_child();
+
 // ---- fork (fork.cc) ---------------------------------------------------------
 void fork_register();
 

@@ -81,6 +81,8 @@ __attribute__((constructor)) static void ebb_constructor() {
   fork_register();
   g_constructed = true;
   if (g_options.verbose) print_options();
+  // With telemetry on, the page must exist (and be served) from the start.
+  if (telemetry_wanted()) purger_start();
 }
 
 }  // namespace ebb

@@ -135,3 +135,53 @@ size_t copy_readable(void* dst, const void* src, size_t n) {
 }
 
 }  // namespace ebb::os
+
+#include <fcntl.h>
+
+namespace ebb::os {
+
+namespace {
+
+// Reads a small /proc file into buf (NUL-terminated); returns its length or -1.
+ssize_t read_small(const char* path, char* buf, size_t cap) {
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  ssize_t n = read(fd, buf, cap - 1);
+  close(fd);
+  if (n < 0) return -1;
+  buf[n] = 0;
+  return n;
+}
+
+uint64_t parse_u64(const char*& p) {
+  while (*p == ' ') p++;
+  uint64_t v = 0;
+  while (*p >= '0' && *p <= '9') v = v * 10 + static_cast<uint64_t>(*p++ - '0');
+  return v;
+}
+
+}  // namespace
+
+uint64_t rss_bytes() {
+  char buf[128];
+  if (read_small("/proc/self/statm", buf, sizeof buf) <= 0) return 0;
+  const char* p = buf;
+  parse_u64(p);  // size
+  return parse_u64(p) * static_cast<uint64_t>(getpagesize());
+}
+
+uint64_t start_ticks() {
+  char buf[1024];
+  if (read_small("/proc/self/stat", buf, sizeof buf) <= 0) return 0;
+  const char* p = strrchr(buf, ')');
+  if (p == nullptr) return 0;
+  p++;
+  // Fields after the name: 3 (state) .. 22 (starttime).
+  for (int field = 3; field < 22; field++) {
+    while (*p == ' ') p++;
+    while (*p && *p != ' ') p++;
+  }
+  return parse_u64(p);
+}
+
+}  // namespace ebb::os

@@ -34,3 +34,12 @@ uint64_t random64();
 size_t copy_readable(void* dst, const void* src, size_t n);
 
 }  // namespace ebb::os
+
+namespace ebb::os {
+
+// Resident set size of this process from /proc/self/statm; 0 if unreadable.
+uint64_t rss_bytes();
+// Field 22 (starttime) of /proc/self/stat; 0 if unreadable.
+uint64_t start_ticks();
+
+}  // namespace ebb::os

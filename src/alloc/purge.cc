@@ -4,19 +4,26 @@
 // It sleeps on a futex while nothing is dirty: an idle process with nothing
 // to purge costs no wake-ups. A free that makes a span dirty arms it; it then
 // waits half a purge delay at a time until every dirty span has been idle for
-// the full delay, purges it, and goes back to sleep.
+// the full delay, purges it, and goes back to sleep. With telemetry on
+// (telemetry.cc) it sleeps on the telemetry page instead, so that a command
+// from ebb wakes it, and publishes the heap statistics once a second.
+#include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "heap.h"
 #include "os.h"
 
 namespace ebb {
 
+extern bool g_constructed;
+
 namespace {
 
-std::atomic<int> g_wake{0};          // futex word: bumped to wake the purger
+std::atomic<int> g_wake{0};          // futex word: bumped to wake the purger (telemetry off)
 std::atomic<bool> g_pending{false};  // something may be waiting for its delay
 // 0 not started, 1 starting, 2 running, 3 failed or disabled.
 std::atomic<int> g_state{0};
@@ -27,26 +34,54 @@ void sleep_ms(uint32_t ms) {
   }
 }
 
+// Sleeps on a futex word shared with other processes (the telemetry page);
+// ms == 0: no time limit.
+void wait_shared(std::atomic<uint32_t>* word, uint32_t seen, uint32_t ms) {
+  struct timespec ts = {static_cast<time_t>(ms / 1000), static_cast<long>(ms % 1000) * 1000000L};
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, seen, ms != 0 ? &ts : nullptr, nullptr, 0);
+}
+
+void wake_shared(std::atomic<uint32_t>* word) {
+  word->fetch_add(1, std::memory_order_release);
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, 1, nullptr, nullptr, 0);
+}
+
 void* purger_main(void*) {
   for (;;) {
-    int seen = g_wake.load(std::memory_order_acquire);
-    if (!g_pending.load(std::memory_order_acquire)) {
-      Lock::wait(&g_wake, seen, nullptr);
-      continue;
+    const bool pending = g_pending.load(std::memory_order_acquire);
+    const uint32_t tick = g_options.purge_delay_ms / 2 < 5 ? 5 : g_options.purge_delay_ms / 2;
+    if (std::atomic<uint32_t>* word = telemetry_wake_word()) {
+      uint32_t seen = word->load(std::memory_order_acquire);
+      telemetry_serve();  // a command may have come before we looked
+      wait_shared(word, seen, telemetry_wait_ms(pending, tick));
+      telemetry_serve();
+    } else {
+      int seen = g_wake.load(std::memory_order_acquire);
+      if (!pending) {
+        Lock::wait(&g_wake, seen, nullptr);
+        continue;
+      }
+      sleep_ms(tick);  // let a burst of frees settle before looking
     }
-    uint32_t tick = g_options.purge_delay_ms / 2;
-    sleep_ms(tick < 5 ? 5 : tick);
-    g_pending.store(false, std::memory_order_release);
-    bool pending = false;
-    purge_all(false, &pending);
-    if (pending) g_pending.store(true, std::memory_order_release);
+    if (g_pending.load(std::memory_order_acquire)) {
+      g_pending.store(false, std::memory_order_release);
+      bool more = false;
+      // Above the soft limit set through the telemetry page: no delay.
+      purge_all(telemetry_over_soft_limit(), &more);
+      telemetry_count_pass();
+      if (more) g_pending.store(true, std::memory_order_release);
+    }
+    telemetry_publish(false);
   }
   return nullptr;
 }
 
-void start_purger() {
+}  // namespace
+
+void purger_start() {
   int expected = 0;
   if (!g_state.compare_exchange_strong(expected, 1)) return;
+  telemetry_open();
   if (!g_options.background) {
     g_state.store(3);
     return;
@@ -72,19 +107,19 @@ void start_purger() {
   g_state.store(2);
 }
 
-}  // namespace
-
-extern bool g_constructed;
-
 void purge_notify() {
   if (!g_pending.load(std::memory_order_relaxed)) {
     g_pending.store(true, std::memory_order_release);
-    g_wake.fetch_add(1, std::memory_order_release);
-    if (g_state.load(std::memory_order_relaxed) == 2) Lock::wake_one(&g_wake);
+    if (std::atomic<uint32_t>* word = telemetry_wake_word()) {
+      wake_shared(word);
+    } else {
+      g_wake.fetch_add(1, std::memory_order_release);
+      if (g_state.load(std::memory_order_relaxed) == 2) Lock::wake_one(&g_wake);
+    }
   }
   // Start lazily, once the library constructor has run (libc is fully up), and
   // only in programs that free something: short-lived tools never get a thread.
-  if (EBB_UNLIKELY(g_state.load(std::memory_order_relaxed) == 0) && g_constructed) start_purger();
+  if (EBB_UNLIKELY(g_state.load(std::memory_order_relaxed) == 0) && g_constructed) purger_start();
 }
 
 size_t purge_all(bool force, bool* pending) {

@@ -32,12 +32,18 @@ bool parse_size(const std::string& text, uint64_t* out) {
   if (unit.size() > 1 && unit.back() == 'b') unit.pop_back();  // "MB", "MiB"
   if (unit.size() == 2 && unit[1] == 'i') unit.pop_back();     // "Mi"
   double mult = 1;
-  if (unit.empty() || unit == "b") mult = 1;
-  else if (unit == "k") mult = 1024.0;
-  else if (unit == "m") mult = 1024.0 * 1024;
-  else if (unit == "g") mult = 1024.0 * 1024 * 1024;
-  else if (unit == "t") mult = 1024.0 * 1024 * 1024 * 1024;
-  else return false;
+  if (unit.empty() || unit == "b")
+    mult = 1;
+  else if (unit == "k")
+    mult = 1024.0;
+  else if (unit == "m")
+    mult = 1024.0 * 1024;
+  else if (unit == "g")
+    mult = 1024.0 * 1024 * 1024;
+  else if (unit == "t")
+    mult = 1024.0 * 1024 * 1024 * 1024;
+  else
+    return false;
   double bytes = v * mult;
   if (bytes > 1.8e19) return false;
   *out = static_cast<uint64_t>(std::llround(bytes));
@@ -82,8 +88,6 @@ std::string Table::render(size_t max_width) const {
   return out;
 }
 
-void error(const std::string& cmd, const std::string& message) {
-  fmt::print(stderr, "ebb {}: {}\n", cmd, message);
-}
+void error(const std::string& cmd, const std::string& message) { fmt::print(stderr, "ebb {}: {}\n", cmd, message); }
 
 }  // namespace ebb::cli

@@ -15,9 +15,12 @@ namespace ebb::proc {
 
 const char* state_name(State s) {
   switch (s) {
-    case State::kOk: return "ok";
-    case State::kGone: return "gone";
-    case State::kDenied: return "denied";
+    case State::kOk:
+      return "ok";
+    case State::kGone:
+      return "gone";
+    case State::kDenied:
+      return "denied";
   }
   return "?";
 }
@@ -67,13 +70,20 @@ Memory parse_smaps(const std::string& text) {
     std::string key = line.substr(0, colon);
     uint64_t kb = strtoull(line.c_str() + colon + 1, nullptr, 10);
     uint64_t bytes = kb * 1024;
-    if (key == "Rss") m.rss += bytes;
-    else if (key == "Pss") m.pss += bytes;
-    else if (key == "Private_Clean" || key == "Private_Dirty") m.uss += bytes;
-    else if (key == "Shared_Clean" || key == "Shared_Dirty") m.shared += bytes;
-    else if (key == "Swap") m.swap += bytes;
-    else if (key == "SwapPss") m.swap_pss += bytes;
-    else if (key == "Anonymous") m.anonymous += bytes;
+    if (key == "Rss")
+      m.rss += bytes;
+    else if (key == "Pss")
+      m.pss += bytes;
+    else if (key == "Private_Clean" || key == "Private_Dirty")
+      m.uss += bytes;
+    else if (key == "Shared_Clean" || key == "Shared_Dirty")
+      m.shared += bytes;
+    else if (key == "Swap")
+      m.swap += bytes;
+    else if (key == "SwapPss")
+      m.swap_pss += bytes;
+    else if (key == "Anonymous")
+      m.anonymous += bytes;
   }
   return m;
 }
@@ -149,6 +159,19 @@ Process read_process(pid_t pid, const std::string& proc_root) {
   }
   p.mem = parse_smaps(*rollup);
   return p;
+}
+
+std::string allocator_of(pid_t pid, const std::string& proc_root) {
+  auto maps = read_file(proc_root + "/" + std::to_string(pid) + "/maps");
+  if (!maps) return "";
+  // The first of these mapped wins: a preloaded allocator comes before libc.
+  static const char* const known[][2] = {{"/libebb.so", "ebb"},
+                                         {"/libjemalloc.so", "jemalloc"},
+                                         {"/libmimalloc.so", "mimalloc"},
+                                         {"/libtcmalloc", "tcmalloc"}};
+  for (const auto& k : known)
+    if (maps->find(k[0]) != std::string::npos) return k[1];
+  return "glibc";
 }
 
 std::vector<pid_t> tree(pid_t root, const std::string& proc_root) {

@@ -32,8 +32,8 @@ struct Process {
   pid_t pid = 0;
   pid_t ppid = 0;
   uid_t uid = 0;
-  std::string comm;     // the kernel's short name
-  std::string cmdline;  // arguments joined by spaces; empty for kernel threads
+  std::string comm;          // the kernel's short name
+  std::string cmdline;       // arguments joined by spaces; empty for kernel threads
   uint64_t start_ticks = 0;  // start time since boot, in clock ticks (tells PID reuse apart)
   State state = State::kOk;
   Memory mem;
@@ -53,6 +53,10 @@ Process read_process(pid_t pid, const std::string& proc_root = "/proc");
 
 // pid and all its descendants (by parent PID), pid first.
 std::vector<pid_t> tree(pid_t pid, const std::string& proc_root = "/proc");
+
+// Which malloc a process uses, from the libraries in /proc/PID/maps: "ebb",
+// "jemalloc", "mimalloc", "tcmalloc", or "glibc"; "" when maps is unreadable.
+std::string allocator_of(pid_t pid, const std::string& proc_root = "/proc");
 
 // Reads a whole small file; nullopt with errno set when it cannot be read.
 std::optional<std::string> read_file(const std::string& path);

@@ -98,7 +98,8 @@ def test_human_output_has_header_rows_and_total(ebb_bin, sleeper):
     out = ebb(ebb_bin, "ps", str(parent), str(child))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split() == ["PID", "RSS", "PSS", "USS", "SHARED", "SWAP", "COMMAND"]
+    assert lines[0].split() == ["PID", "RSS", "PSS", "USS", "SHARED", "SWAP", "HEAP", "FREE", "PURGED", "ALLOC",
+                                "COMMAND"]
     assert {int(l.split()[0]) for l in lines[1:3]} == {parent, child}
     assert lines[-1].endswith("total of 2 processes")
     assert "M" in lines[1].split()[1]  # ~40 MB shown in human units
