@@ -36,6 +36,7 @@ void child() {
   g_tcaches = self->state == 1 ? self : nullptr;
   if (g_tcaches != nullptr) self->next = self->prev = nullptr;
   g_tcache_lock.reset_after_fork();
+  threads_after_fork_child(self->state == 1);
   telemetry_after_fork_child();
   purger_after_fork_child();
 }

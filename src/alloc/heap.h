@@ -215,6 +215,13 @@ void purge_notify();
 size_t purge_all(bool force, bool* pending);
 void purger_after_fork_child();
 
+// Threads that have a thread cache and have not exited. When the last one
+// leaves through pthread_exit, the purger must leave too: a process lives as
+// long as any of its threads, and the purger must not be the one keeping it.
+void threads_started();
+void threads_exited();
+void threads_after_fork_child(bool caller_has_cache);
+
 // Starts the purger thread now if it is not running (and creates the
 // telemetry page first when EBB_TELEMETRY=1).
 void purger_start();

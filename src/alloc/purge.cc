@@ -27,6 +27,11 @@ std::atomic<int> g_wake{0};          // futex word: bumped to wake the purger (t
 std::atomic<bool> g_pending{false};  // something may be waiting for its delay
 // 0 not started, 1 starting, 2 running, 3 failed or disabled.
 std::atomic<int> g_state{0};
+std::atomic<long> g_threads{0};  // see threads_started()
+__thread bool t_is_purger = false;
+
+// Wakes the purger wherever it sleeps.
+void wake_purger();
 
 void sleep_ms(uint32_t ms) {
   struct timespec ts = {static_cast<time_t>(ms / 1000), static_cast<long>(ms % 1000) * 1000000L};
@@ -47,7 +52,15 @@ void wake_shared(std::atomic<uint32_t>* word) {
 }
 
 void* purger_main(void*) {
+  t_is_purger = true;
   for (;;) {
+    if (g_threads.load(std::memory_order_acquire) <= 0) {
+      // Every program thread is gone: leave, so that the process can end as it
+      // would without libebb. A later batch of frees (from a thread libebb did
+      // not count) starts a new purger.
+      g_state.store(0, std::memory_order_release);
+      return nullptr;
+    }
     const bool pending = g_pending.load(std::memory_order_acquire);
     const uint32_t tick = g_options.purge_delay_ms / 2 < 5 ? 5 : g_options.purge_delay_ms / 2;
     if (std::atomic<uint32_t>* word = telemetry_wake_word()) {
@@ -79,6 +92,7 @@ void* purger_main(void*) {
 }  // namespace
 
 void purger_start() {
+  if (g_threads.load(std::memory_order_acquire) <= 0) return;  // no program thread left to serve
   int expected = 0;
   if (!g_state.compare_exchange_strong(expected, 1)) return;
   telemetry_open();
@@ -107,15 +121,33 @@ void purger_start() {
   g_state.store(2);
 }
 
+namespace {
+
+void wake_purger() {
+  if (std::atomic<uint32_t>* word = telemetry_wake_word()) {
+    wake_shared(word);
+  } else {
+    g_wake.fetch_add(1, std::memory_order_release);
+    if (g_state.load(std::memory_order_relaxed) == 2) Lock::wake_one(&g_wake);
+  }
+}
+
+}  // namespace
+
+void threads_started() {
+  if (!t_is_purger) g_threads.fetch_add(1, std::memory_order_relaxed);
+}
+
+void threads_exited() {
+  if (!t_is_purger && g_threads.fetch_sub(1, std::memory_order_acq_rel) == 1) wake_purger();
+}
+
+void threads_after_fork_child(bool caller_has_cache) { g_threads.store(caller_has_cache ? 1 : 0); }
+
 void purge_notify() {
   if (!g_pending.load(std::memory_order_relaxed)) {
     g_pending.store(true, std::memory_order_release);
-    if (std::atomic<uint32_t>* word = telemetry_wake_word()) {
-      wake_shared(word);
-    } else {
-      g_wake.fetch_add(1, std::memory_order_release);
-      if (g_state.load(std::memory_order_relaxed) == 2) Lock::wake_one(&g_wake);
-    }
+    wake_purger();
   }
   // Start lazily, once the library constructor has run (libc is fully up), and
   // only in programs that free something: short-lived tools never get a thread.

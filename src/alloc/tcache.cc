@@ -39,6 +39,7 @@ void on_thread_exit(void* arg) {
   g_counters.released_bytes.fetch_add(tc->alloc_bytes, std::memory_order_relaxed);
   tc->allocs = tc->alloc_bytes = 0;
   tcache_unregister(tc);
+  threads_exited();
 }
 
 void tcache_init(ThreadCache* tc) {
@@ -58,6 +59,7 @@ void tcache_init(ThreadCache* tc) {
     g_tcaches = tc;
   }
   if (g_exit_key_ok) pthread_setspecific(g_exit_key, tc);
+  threads_started();
 }
 
 // Flushes the objects after the first `keep` of a cache bin.

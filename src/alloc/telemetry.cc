@@ -114,9 +114,8 @@ void telemetry_open() {
   page->pid = getpid();
   page->uid = geteuid();
   page->start_ticks = os::start_ticks();
-  memcpy(page->allocator, ebb_version(), strlen(ebb_version()) < sizeof page->allocator - 1
-                                              ? strlen(ebb_version())
-                                              : sizeof page->allocator - 1);
+  memcpy(page->allocator, ebb_version(),
+         strlen(ebb_version()) < sizeof page->allocator - 1 ? strlen(ebb_version()) : sizeof page->allocator - 1);
   // The magic goes last: a reader that sees it sees a complete identity.
   __atomic_store_n(&page->magic, telemetry::kMagic, __ATOMIC_RELEASE);
   g_page_pid = getpid();

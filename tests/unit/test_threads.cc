@@ -2,6 +2,8 @@
 // threads allocate, and copy-on-write sharing after fork.
 #include <gtest/gtest.h>
 #include <malloc.h>
+#include <pthread.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -142,6 +144,36 @@ TEST(Fork, WhileOtherThreadsAllocate) {
   }
   stop = true;
   for (auto& th : workers) th.join();
+}
+
+// A child forked from a thread other than main has that thread only; when it
+// calls pthread_exit the process must end, as it does without libebb (the
+// purger thread must not keep it alive). CPython's test_threading does this.
+TEST(Fork, ChildOfANonMainThreadEndsWhenItsThreadExits) {
+  pid_t pid = -1;
+  std::thread forker([&] {
+    pid = fork();
+    if (pid == 0) {
+      std::vector<void*> v;
+      for (int i = 0; i < 50000; i++) v.push_back(malloc(64));
+      for (void* p : v) free(p);  // starts the child's purger
+      struct timespec ts = {0, 300 * 1000 * 1000};
+      nanosleep(&ts, nullptr);
+      pthread_exit(nullptr);
+    }
+  });
+  forker.join();
+  ASSERT_GT(pid, 0);
+  int status = 0;
+  pid_t got = 0;
+  for (int i = 0; i < 200 && got == 0; i++) {  // up to 10 s
+    got = waitpid(pid, &status, WNOHANG);
+    if (got == 0) usleep(50 * 1000);
+  }
+  if (got == 0) kill(pid, SIGKILL);
+  ASSERT_EQ(got, pid) << "the child did not end after its only thread exited";
+  EXPECT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
 }
 
 // Private_Dirty of this process, in bytes, from smaps_rollup.
