@@ -53,7 +53,7 @@ install: build
 SOURCES = $(shell git ls-files '*.cc' '*.h')
 format:
 	clang-format -i $(SOURCES)
-format-check:
+format-check: deps
 	clang-format --dry-run --Werror $(SOURCES)
 lint: build
 	clang-tidy -p $(BUILD) --quiet $(filter %.cc,$(SOURCES))
