@@ -68,8 +68,8 @@ int run_trim(const TrimOptions& o) {
     std::string cmd = p.cmdline.empty() ? p.comm : p.cmdline;
     for (char& c : cmd)
       if (static_cast<unsigned char>(c) < 0x20) c = ' ';
-    t.add({std::to_string(pid), human_bytes(ack.rss_before), human_bytes(ack.rss_after), human_bytes(ack.released),
-           cmd});
+    t.add(
+        {std::to_string(pid), human_bytes(ack.rss_before), human_bytes(ack.rss_after), human_bytes(ack.released), cmd});
     trimmed++;
   }
   if (trimmed > 0) fmt::print("{}", t.render());

@@ -40,7 +40,7 @@ struct Page {
   // Identity, written once before the file is complete.
   uint64_t magic;
   uint32_t version;
-  uint32_t size;         // sizeof(Page) of the writer
+  uint32_t size;  // sizeof(Page) of the writer
   int32_t pid;
   uint32_t uid;          // effective uid of the writer
   uint64_t start_ticks;  // field 22 of /proc/PID/stat: tells a reused PID apart
@@ -48,10 +48,10 @@ struct Page {
 
   // Statistics, under a sequence counter (odd while being written).
   std::atomic<uint64_t> seq;
-  uint64_t updated_ms;    // CLOCK_MONOTONIC, ms
-  uint64_t rss_bytes;     // the process's RSS (statm) when the stats were taken
-  uint64_t soft_limit;    // in force, bytes (0: none)
-  uint64_t purger_runs;   // purge passes so far
+  uint64_t updated_ms;   // CLOCK_MONOTONIC, ms
+  uint64_t rss_bytes;    // the process's RSS (statm) when the stats were taken
+  uint64_t soft_limit;   // in force, bytes (0: none)
+  uint64_t purger_runs;  // purge passes so far
   ebb_stats_t stats;
 
   // Commands.
@@ -60,10 +60,10 @@ struct Page {
   uint32_t cmd;
   uint32_t pad;
   uint64_t cmd_arg;
-  std::atomic<uint64_t> acks;       // commands completed
-  uint64_t ack_cmd;                 // the last one completed
-  uint64_t ack_released;            // bytes it released
-  uint64_t ack_rss_before;          // RSS before and after it
+  std::atomic<uint64_t> acks;  // commands completed
+  uint64_t ack_cmd;            // the last one completed
+  uint64_t ack_released;       // bytes it released
+  uint64_t ack_rss_before;     // RSS before and after it
   uint64_t ack_rss_after;
 };
 

@@ -20,12 +20,18 @@ namespace ebb::telemetry {
 
 const char* status_name(Status s) {
   switch (s) {
-    case Status::kOk: return "ok";
-    case Status::kNoPage: return "no page";
-    case Status::kStale: return "stale";
-    case Status::kInvalid: return "invalid";
-    case Status::kBusy: return "busy";
-    case Status::kError: return "error";
+    case Status::kOk:
+      return "ok";
+    case Status::kNoPage:
+      return "no page";
+    case Status::kStale:
+      return "stale";
+    case Status::kInvalid:
+      return "invalid";
+    case Status::kBusy:
+      return "busy";
+    case Status::kError:
+      return "error";
   }
   return "?";
 }
@@ -75,11 +81,16 @@ int open_checked(const std::string& path, uid_t uid, int flags, ReadResult* err)
   }
   struct stat st;
   const char* why = nullptr;
-  if (fstat(fd, &st) != 0) why = "cannot stat";
-  else if (!S_ISREG(st.st_mode)) why = "not a regular file";
-  else if (st.st_uid != uid) why = "owned by another user than the process";
-  else if ((st.st_mode & 077) != 0) why = "readable or writable by others (want mode 0600)";
-  else if (st.st_size < static_cast<off_t>(offsetof(Page, stats) + sizeof(uint32_t) * 2)) why = "too short";
+  if (fstat(fd, &st) != 0)
+    why = "cannot stat";
+  else if (!S_ISREG(st.st_mode))
+    why = "not a regular file";
+  else if (st.st_uid != uid)
+    why = "owned by another user than the process";
+  else if ((st.st_mode & 077) != 0)
+    why = "readable or writable by others (want mode 0600)";
+  else if (st.st_size < static_cast<off_t>(offsetof(Page, stats) + sizeof(uint32_t) * 2))
+    why = "too short";
   if (why != nullptr) {
     close(fd);
     *err = fail(Status::kInvalid, why, path);
@@ -103,9 +114,12 @@ ReadResult read_page(const std::string& path, pid_t pid, uint64_t start_ticks, u
     ssize_t n = pread(fd, a, sizeof a, 0);
     const auto* p = reinterpret_cast<const Page*>(a);
     const char* why = nullptr;
-    if (n < static_cast<ssize_t>(sizeof(Page))) why = "too short";
-    else if (p->magic != kMagic) why = "not an ebb telemetry page (bad magic)";
-    else if (p->version != kVersion || p->size < sizeof(Page)) why = "unknown page version";
+    if (n < static_cast<ssize_t>(sizeof(Page)))
+      why = "too short";
+    else if (p->magic != kMagic)
+      why = "not an ebb telemetry page (bad magic)";
+    else if (p->version != kVersion || p->size < sizeof(Page))
+      why = "unknown page version";
     if (why != nullptr) {
       close(fd);
       return fail(Status::kInvalid, why, path);
@@ -226,8 +240,8 @@ std::vector<pid_t> scan_dir(const std::string& dir, const std::string& proc_root
     auto pid = static_cast<pid_t>(v);
     proc::Process p = proc::read_process(pid, proc_root);
     std::string path = dir + "/" + e->d_name;
-    ReadResult r = p.state == proc::State::kGone ? fail(Status::kStale, "", path)
-                                                  : read_page(path, pid, p.start_ticks, p.uid);
+    ReadResult r =
+        p.state == proc::State::kGone ? fail(Status::kStale, "", path) : read_page(path, pid, p.start_ticks, p.uid);
     if (r.status == Status::kStale) {
       struct stat st;
       if (lstat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid()) unlink(path.c_str());

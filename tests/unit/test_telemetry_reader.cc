@@ -77,9 +77,7 @@ TEST_F(PageFiles, ValidPageIsRead) {
   EXPECT_EQ(r.snap.allocator, "ebb test");
 }
 
-TEST_F(PageFiles, MissingPageIsNoPage) {
-  EXPECT_EQ(read(dir_ + "/nope").status, Status::kNoPage);
-}
+TEST_F(PageFiles, MissingPageIsNoPage) { EXPECT_EQ(read(dir_ + "/nope").status, Status::kNoPage); }
 
 TEST_F(PageFiles, TornWriteIsDetectedNotTrusted) {
   PageBuf p = valid();
@@ -109,9 +107,7 @@ TEST_F(PageFiles, GarbageIsRejectedWithAReason) {
   EXPECT_EQ(read(write(s)).status, Status::kInvalid);
 }
 
-TEST_F(PageFiles, ShortFileIsRejected) {
-  EXPECT_EQ(read(write(valid(), 0600, 64)).status, Status::kInvalid);
-}
+TEST_F(PageFiles, ShortFileIsRejected) { EXPECT_EQ(read(write(valid(), 0600, 64)).status, Status::kInvalid); }
 
 TEST_F(PageFiles, PageOfAnotherProcessOrUserIsRejected) {
   PageBuf p = valid();
