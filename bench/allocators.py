@@ -12,6 +12,7 @@ skipped.  Run this file to list the allocators and their status.
 setting trades.
 """
 import argparse
+import json
 import os
 import re
 import signal
@@ -122,6 +123,19 @@ def run_child(cmd, env, timeout):
         tail = " | ".join(p.stderr.strip().splitlines()[-3:])
         raise RuntimeError(f"{how}{': ' + tail if tail else ''}")
     return p.stdout
+
+
+def finish(out, errors, json_path, data):
+    """Common end of the runners: list failures, write --json, exit 1 if any run failed."""
+    if errors:
+        print("\nFailures:\n" + "\n".join(f"- {e}" for e in errors), file=out)
+    if json_path:
+        text = json.dumps({**data, "errors": errors}, indent=1)
+        if json_path == "-":
+            print(text)
+        else:
+            Path(json_path).write_text(text + "\n")
+    sys.exit(1 if errors else 0)
 
 
 def split_names(text):

@@ -141,18 +141,9 @@ def main():
           ", ".join(f"{a} {fmt(mb(median(bases[a])))}" for a in names) + "\n", file=out)
     for s in scenarios:
         print(table(s, names, {a: c for a, c in summary[s].items() if c}, idle_points) + "\n", file=out)
-    if errors:
-        print("Failures:\n" + "\n".join(f"- {e}" for e in errors), file=out)
-    if args.json:
-        data = {"runs": args.runs, "idle": idle_points, "summary_mb": summary,
-                "base_kb": bases, "errors": errors,
-                "samples_kb": {f"{s}/{a}": v for (s, a), v in samples.items()}}
-        text = json.dumps(data, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-    sys.exit(1 if errors else 0)
+    allocators.finish(out, errors, args.json,
+                      {"runs": args.runs, "idle": idle_points, "summary_mb": summary, "base_kb": bases,
+                       "samples_kb": {f"{s}/{a}": v for (s, a), v in samples.items()}})
 
 
 if __name__ == "__main__":

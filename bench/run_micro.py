@@ -94,15 +94,7 @@ def main():
         cells = [f"{statistics.median(v):.1f}" if (v := samples[n].get(bench)) else "FAIL"
                  for n in names]
         print(f"| {bench} | " + " | ".join(cells) + " |", file=out)
-    if errors:
-        print("\nFailures:\n" + "\n".join(f"- {e}" for e in errors), file=out)
-    if args.json:
-        text = json.dumps({"runs": args.runs, "errors": errors, "ns_per_op": samples}, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-    sys.exit(1 if errors else 0)
+    allocators.finish(out, errors, args.json, {"runs": args.runs, "ns_per_op": samples})
 
 
 if __name__ == "__main__":

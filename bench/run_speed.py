@@ -9,7 +9,6 @@ column is median time / median time under pymalloc (CPython's default), so
 between runs or allocators is reported as a failure.
 """
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -97,16 +96,8 @@ def main():
                       if med[s, name] and med[s, "pymalloc"]]
             geo.append(f"{statistics.geometric_mean(ratios):.2f}" if ratios else "FAIL")
         print("| geomean ratio | " + " | ".join(geo) + " |", file=out)
-    if errors:
-        print("\nFailures:\n" + "\n".join(f"- {e}" for e in errors), file=out)
-    if args.json:
-        text = json.dumps({"runs": args.runs, "errors": errors,
-                           "times_s": {f"{s}/{a}": v for (s, a), v in times.items()}}, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-    sys.exit(1 if errors else 0)
+    allocators.finish(out, errors, args.json,
+                      {"runs": args.runs, "times_s": {f"{s}/{a}": v for (s, a), v in times.items()}})
 
 
 if __name__ == "__main__":
