@@ -30,3 +30,14 @@ def preload_env(ebb_lib):
     env.update(LD_PRELOAD=ebb_lib, PYTHONMALLOC="malloc")
     return env
 
+
+@pytest.fixture(scope="session")
+def ebb_bin():
+    """Path of the ebb command: $EBB_BIN, else build/bin/ebb (same skip/fail rule as ebb_lib)."""
+    path = Path(os.environ.get("EBB_BIN") or REPO / "build/bin/ebb")
+    if not path.is_file():
+        msg = f"ebb not found at {path} (build it, or set EBB_BIN)"
+        if os.environ.get("EBB_REQUIRE_LIB"):
+            pytest.fail(msg + "; EBB_REQUIRE_LIB is set", pytrace=False)
+        pytest.skip(msg)
+    return str(path)

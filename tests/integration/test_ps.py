@@ -2,24 +2,12 @@
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 PY = "/usr/bin/python3"
-
-
-@pytest.fixture(scope="session")
-def ebb_bin():
-    path = Path(os.environ.get("EBB_BIN") or REPO / "build/bin/ebb")
-    if not path.is_file():
-        if os.environ.get("EBB_REQUIRE_LIB"):
-            pytest.fail(f"ebb not found at {path}", pytrace=False)
-        pytest.skip(f"ebb not found at {path} (build it, or set EBB_BIN)")
-    return str(path)
 
 
 @pytest.fixture
@@ -72,8 +60,11 @@ def test_json_figures_match_smaps_rollup(ebb_bin, sleeper):
     assert row["command"].startswith(PY + " -c")
     for i, key in enumerate(["rss", "pss", "uss", "shared"]):
         # An idle process: the figures may move by a few pages between reads.
+        # PSS also moves when other processes that share its pages (the
+        # interpreter's) start or exit, so it gets more room.
+        slack = (512 if key == "pss" else 64) * 1024
         lo, hi = min(before[i], after[i]), max(before[i], after[i])
-        assert lo - 64 * 1024 <= row[key] <= hi + 64 * 1024, (key, row[key], before[i], after[i])
+        assert lo - slack <= row[key] <= hi + slack, (key, row[key], before[i], after[i])
     assert row["rss"] > 40 * 1024 * 1024  # the bytearray, shared with the child since the fork
 
 

@@ -1,7 +1,6 @@
 """sqlite3 under libebb. Debian's libpython3.11-testsuite ships no
 test_sqlite3, so this stands in for it: a workload through the sqlite3
 module (and SQLite's own mallocs) must give the same answers as under glibc."""
-import os
 import subprocess
 
 PY = "/usr/bin/python3"
