@@ -190,6 +190,7 @@ struct CacheBin {
   FreeObj* head;
   uint16_t count;
   uint16_t max;
+  uint16_t batch;  // objects the next refill asks for: starts small, doubles up to max/2
 };
 struct ThreadCache {
   CacheBin bins[kNumClasses + 1];

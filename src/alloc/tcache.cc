@@ -34,7 +34,7 @@ void on_thread_exit(void* arg) {
   auto* tc = static_cast<ThreadCache*>(arg);
   tcache_flush_all(tc);
   tc->state = 2;
-  for (CacheBin& cb : tc->bins) cb.max = 0;
+  for (CacheBin& cb : tc->bins) cb.max = cb.batch = 0;  // from now on one object at a time
   g_counters.released_allocs.fetch_add(tc->allocs, std::memory_order_relaxed);
   g_counters.released_bytes.fetch_add(tc->alloc_bytes, std::memory_order_relaxed);
   tc->allocs = tc->alloc_bytes = 0;
@@ -49,6 +49,7 @@ void tcache_init(ThreadCache* tc) {
     size_t n = g_options.tcache_bytes / class_size(cls);
     if (g_options.tcache_bytes != 0 && n < 2) n = 2;
     tc->bins[cls].max = static_cast<uint16_t>(n > 128 ? 128 : n);
+    tc->bins[cls].batch = static_cast<uint16_t>(tc->bins[cls].max / 2 < 4 ? tc->bins[cls].max / 2 : 4);
   }
   {
     LockGuard guard(g_tcache_lock);
@@ -86,7 +87,10 @@ void* tcache_alloc_slow(unsigned cls) {
   if (tc->state == 0) tcache_init(tc);
   CacheBin& cb = tc->bins[cls];
   if (cb.head == nullptr) {
-    uint32_t want = cb.max / 2 > 0 ? cb.max / 2 : 1;
+    // A class used once should not cost a whole batch of touched memory: the
+    // refill size starts at a few objects and doubles with use up to max/2.
+    uint32_t want = cb.batch > 0 ? cb.batch : 1;
+    if (want < cb.max / 2) cb.batch = static_cast<uint16_t>(want * 2 < cb.max / 2 ? want * 2 : cb.max / 2);
     uint32_t got = bin_refill(cls, want, &cb.head);
     if (got == 0) {
       errno = ENOMEM;
