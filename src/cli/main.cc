@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   int rc = 0;
   ebb::cli::register_ps(app, rc);
   ebb::cli::register_trim(app, rc);
+  ebb::cli::register_compare(app, rc);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
