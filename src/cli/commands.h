@@ -8,6 +8,7 @@ namespace ebb::cli {
 
 void register_ps(CLI::App& app, int& rc);
 void register_trim(CLI::App& app, int& rc);
+void register_top(CLI::App& app, int& rc);
 void register_compare(CLI::App& app, int& rc);
 
 }  // namespace ebb::cli

@@ -50,6 +50,30 @@ bool parse_size(const std::string& text, uint64_t* out) {
   return true;
 }
 
+namespace {
+
+// Columns on screen: UTF-8 continuation bytes take none (every character
+// ebb prints is one column wide).
+size_t display_width(const std::string& s) {
+  size_t n = 0;
+  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  return n;
+}
+
+// The longest prefix of s that fits `width` columns, never cutting a character.
+std::string fit(const std::string& s, size_t width) {
+  size_t cols = 0, i = 0;
+  for (; i < s.size(); i++) {
+    if ((static_cast<unsigned char>(s[i]) & 0xC0) != 0x80) {
+      if (cols == width) break;
+      cols++;
+    }
+  }
+  return s.substr(0, i);
+}
+
+}  // namespace
+
 Table::Table(std::vector<std::string> headers, std::vector<bool> numeric)
     : headers_(std::move(headers)), numeric_(std::move(numeric)) {}
 
@@ -58,21 +82,22 @@ void Table::add_rule() { rows_.emplace_back(); }
 
 std::string Table::render(size_t max_width) const {
   std::vector<size_t> width(headers_.size());
-  for (size_t c = 0; c < headers_.size(); c++) width[c] = headers_[c].size();
+  for (size_t c = 0; c < headers_.size(); c++) width[c] = display_width(headers_[c]);
   for (const auto& r : rows_)
-    for (size_t c = 0; c < r.size() && c < width.size(); c++) width[c] = std::max(width[c], r[c].size());
+    for (size_t c = 0; c < r.size() && c < width.size(); c++) width[c] = std::max(width[c], display_width(r[c]));
   auto line = [&](const std::vector<std::string>& r) {
     std::string out;
     for (size_t c = 0; c < headers_.size(); c++) {
       const std::string& cell = c < r.size() ? r[c] : std::string();
       bool last = c + 1 == headers_.size();
+      size_t pad = width[c] - display_width(cell);
       if (numeric_[c])
-        out += std::string(width[c] - cell.size(), ' ') + cell;
+        out += std::string(pad, ' ') + cell;
       else
-        out += last ? cell : cell + std::string(width[c] - cell.size(), ' ');
+        out += last ? cell : cell + std::string(pad, ' ');
       if (!last) out += "  ";
     }
-    if (max_width > 0 && out.size() > max_width) out.resize(max_width);
+    if (max_width > 0) out = fit(out, max_width);
     while (!out.empty() && out.back() == ' ') out.pop_back();
     return out + "\n";
   };

@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   app.fallthrough(false);
   int rc = 0;
   ebb::cli::register_ps(app, rc);
+  ebb::cli::register_top(app, rc);
   ebb::cli::register_trim(app, rc);
   ebb::cli::register_compare(app, rc);
   try {

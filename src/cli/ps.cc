@@ -1,8 +1,5 @@
 // ebb ps: one row per process with RSS, PSS, USS, shared and swap, from
 // /proc/PID/smaps_rollup. Like smem, in one static binary's worth of C++.
-#include <sys/ioctl.h>
-#include <unistd.h>
-
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -11,48 +8,17 @@
 
 #include "commands.h"
 #include "format.h"
-#include "proc.h"
-#include "reader.h"
+#include "rows.h"
 
 namespace ebb::cli {
 
 namespace {
 
 struct PsOptions {
-  std::vector<int> pids;
-  int tree = 0;
-  bool user = false;
+  Selection sel;
   bool json = false;
   std::string sort = "pss";
 };
-
-// What ps shows of one process: /proc figures, and the heap from the
-// telemetry page when the process runs libebb with telemetry on.
-struct Row {
-  proc::Process p;
-  std::string allocator;
-  bool has_heap = false;
-  telemetry::Snapshot heap;
-  uint64_t free_resident() const {
-    return heap.stats.resident_bytes > heap.stats.live_bytes ? heap.stats.resident_bytes - heap.stats.live_bytes : 0;
-  }
-};
-
-uint64_t sort_key(const Row& r, const std::string& col) {
-  const proc::Process& p = r.p;
-  if (col == "heap") return r.has_heap ? r.heap.stats.live_bytes : 0;
-  if (col == "rss") return p.mem.rss;
-  if (col == "uss") return p.mem.uss;
-  if (col == "shared") return p.mem.shared;
-  if (col == "swap") return p.mem.swap;
-  return p.mem.pss;
-}
-
-size_t terminal_width() {
-  winsize ws{};
-  if (isatty(STDOUT_FILENO) && ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) return ws.ws_col;
-  return 0;  // not a terminal: never cut lines
-}
 
 nlohmann::json to_json(const Row& r) {
   const proc::Process& p = r.p;
@@ -84,43 +50,14 @@ nlohmann::json to_json(const Row& r) {
 }
 
 int run_ps(const PsOptions& o) {
-  std::vector<pid_t> pids;
-  bool explicit_pids = !o.pids.empty() || o.tree != 0;
-  if (o.tree != 0) pids = proc::tree(o.tree);
-  for (int pid : o.pids) pids.push_back(pid);
-  if (!explicit_pids) pids = proc::list_pids();
-
-  std::vector<Row> rows;
+  std::vector<Row> rows = collect(o.sel);
   int rc = 0;
-  const uid_t me = getuid();
-  for (pid_t pid : pids) {
-    proc::Process p = proc::read_process(pid);
-    if (!explicit_pids) {
-      if (p.state == proc::State::kGone) continue;        // exited while we listed
-      if (p.cmdline.empty() && p.mem.rss == 0) continue;  // kernel thread
-    }
-    if (o.user && p.uid != me) continue;
-    if (explicit_pids && p.state == proc::State::kGone && o.tree == 0) {
-      error("ps", fmt::format("no process {}", pid));
+  for (const Row& r : rows)
+    if (r.p.state == proc::State::kGone) {
+      error("ps", fmt::format("no process {}", r.p.pid));
       rc = 1;
     }
-    Row r;
-    if (p.state != proc::State::kGone) {
-      r.allocator = proc::allocator_of(pid);
-      if (r.allocator == "ebb") {
-        telemetry::ReadResult t = telemetry::read_page(telemetry::page_path(pid, p.uid), pid, p.start_ticks, p.uid);
-        r.has_heap = t.status == telemetry::Status::kOk;
-        if (r.has_heap) r.heap = t.snap;
-      }
-    }
-    r.p = std::move(p);
-    rows.push_back(std::move(r));
-  }
-  std::stable_sort(rows.begin(), rows.end(), [&](const Row& a, const Row& b) {
-    if (o.sort == "pid") return a.p.pid < b.p.pid;
-    if (o.sort == "command") return a.p.cmdline < b.p.cmdline;
-    return sort_key(a, o.sort) > sort_key(b, o.sort);
-  });
+  sort_rows(rows, o.sort);
 
   proc::Memory total;
   uint64_t heap_live = 0, heap_free = 0, heap_purged = 0;
@@ -152,9 +89,7 @@ int run_ps(const PsOptions& o) {
           {true, true, true, true, true, true, true, true, true, false, false});
   for (const auto& r : rows) {
     const proc::Process& p = r.p;
-    std::string cmd = p.cmdline.empty() ? "[" + p.comm + "]" : p.cmdline;
-    for (char& c : cmd)
-      if (static_cast<unsigned char>(c) < 0x20) c = ' ';  // one row per process, whatever argv holds
+    std::string cmd = r.command();
     if (p.state == proc::State::kGone) {
       t.add({std::to_string(p.pid), "-", "-", "-", "-", "-", "-", "-", "-", "-", "(no such process)"});
       continue;
@@ -181,9 +116,10 @@ void register_ps(CLI::App& app, int& rc) {
   auto o = std::make_shared<PsOptions>();
   auto* sub = app.add_subcommand(
       "ps", "Show RSS, PSS, USS, shared and swap per process, and the heap inside processes running libebb");
-  sub->add_option("pid", o->pids, "Processes to show (default: every process with memory)")->check(CLI::PositiveNumber);
-  sub->add_option("--tree", o->tree, "Show PID and all its descendants")->check(CLI::PositiveNumber);
-  sub->add_flag("--user", o->user, "Only processes of the current user");
+  sub->add_option("pid", o->sel.pids, "Processes to show (default: every process with memory)")
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--tree", o->sel.tree, "Show PID and all its descendants")->check(CLI::PositiveNumber);
+  sub->add_flag("--user", o->sel.user, "Only processes of the current user");
   sub->add_flag("--json", o->json, "JSON output, sizes in exact bytes");
   sub->add_option("--sort", o->sort, "Sort by this column, largest first (default: pss)")
       ->check(CLI::IsMember({"pid", "rss", "pss", "uss", "shared", "swap", "heap", "command"}));
