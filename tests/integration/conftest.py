@@ -7,19 +7,27 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
-def ebb_lib():
-    """Resolved path of the libebb.so to preload: $EBB_LIB, else build/lib/libebb.so.
-
-    Skips when the library is missing, unless EBB_REQUIRE_LIB is set (then fails).
-    """
-    lib = Path(os.environ.get("EBB_LIB") or REPO / "build/lib/libebb.so")
-    if not lib.is_file():
-        msg = f"libebb not found at {lib} (build it, or set EBB_LIB)"
+def built_file(variable, default, what):
+    """$variable, else REPO/default; skips when missing, unless EBB_REQUIRE_LIB is set (then fails)."""
+    path = Path(os.environ.get(variable) or REPO / default)
+    if not path.is_file():
+        msg = f"{what} not found at {path} (build it, or set {variable})"
         if os.environ.get("EBB_REQUIRE_LIB"):
             pytest.fail(msg + "; EBB_REQUIRE_LIB is set", pytrace=False)
         pytest.skip(msg)
-    return str(lib.resolve())
+    return path
+
+
+@pytest.fixture(scope="session")
+def ebb_lib():
+    """Resolved path of the libebb.so to preload: $EBB_LIB, else build/lib/libebb.so."""
+    return str(built_file("EBB_LIB", "build/lib/libebb.so", "libebb").resolve())
+
+
+@pytest.fixture(scope="session")
+def ebb_bin():
+    """Path of the ebb command: $EBB_BIN, else build/bin/ebb."""
+    return str(built_file("EBB_BIN", "build/bin/ebb", "ebb"))
 
 
 @pytest.fixture(scope="session")
@@ -29,15 +37,3 @@ def preload_env(ebb_lib):
            if k != "LD_PRELOAD" and not k.startswith("PYTHON")}
     env.update(LD_PRELOAD=ebb_lib, PYTHONMALLOC="malloc")
     return env
-
-
-@pytest.fixture(scope="session")
-def ebb_bin():
-    """Path of the ebb command: $EBB_BIN, else build/bin/ebb (same skip/fail rule as ebb_lib)."""
-    path = Path(os.environ.get("EBB_BIN") or REPO / "build/bin/ebb")
-    if not path.is_file():
-        msg = f"ebb not found at {path} (build it, or set EBB_BIN)"
-        if os.environ.get("EBB_REQUIRE_LIB"):
-            pytest.fail(msg + "; EBB_REQUIRE_LIB is set", pytrace=False)
-        pytest.skip(msg)
-    return str(path)
