@@ -48,7 +48,6 @@ struct Span {
   bool dirty;                           // objects came back since the last purge
   uint64_t purged[kMaxSpanPages / 64];  // pages given back to the OS while the span lives
 
-  size_t bytes() const { return size_t{nslices} << kSliceShift; }
   bool full() const { return nfree == 0 && parked == 0 && bump == kClasses[cls].capacity; }
 };
 

@@ -28,10 +28,6 @@ class Lock {
     if (EBB_LIKELY(state_.compare_exchange_strong(expected, 1, std::memory_order_acquire))) return;
     lock_slow();
   }
-  bool try_lock() {
-    int expected = 0;
-    return state_.compare_exchange_strong(expected, 1, std::memory_order_acquire);
-  }
   void unlock() {
     if (EBB_UNLIKELY(state_.exchange(0, std::memory_order_release) == 2)) wake_one(&state_);
   }
