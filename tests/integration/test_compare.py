@@ -115,3 +115,26 @@ def test_bad_plot_name_and_missing_command(ebb_bin, ebb_lib, script, tmp_path):
     out = compare(ebb_bin, ebb_lib, tmp_path, "--allocators", "system", "--plot", "x.gif", "--", PY, script)
     assert out.returncode == 2 and "want a .svg or .html" in out.stderr
     assert compare(ebb_bin, ebb_lib, tmp_path).returncode == 2
+
+
+def test_pss_of_a_forking_command_counts_the_whole_tree(ebb_bin, ebb_lib, tmp_path):
+    # A parent and a forked child sharing 40 MB copy-on-write: summed RSS counts
+    # it twice, summed PSS once.
+    code = ("import os, time\n"
+            "data = bytearray(40 << 20)\n"
+            "for i in range(0, len(data), 4096): data[i] = 1\n"
+            "pid = os.fork()\n"
+            "time.sleep(1.0)\n"
+            "if pid: os.waitpid(pid, 0)\n")
+    results = {}
+    for metric in ("rss", "pss"):
+        args = ["--allocators", "system", "--json", f"{metric}.json", "--", PY, "-c", code]
+        if metric == "pss":
+            args.insert(0, "--pss")
+        out = compare(ebb_bin, ebb_lib, tmp_path, *args)
+        assert out.returncode == 0, out.stderr
+        doc = json.loads((tmp_path / f"{metric}.json").read_text())
+        assert doc["metric"] == metric
+        results[metric] = doc["allocators"][0]["median"]["peak"]
+    assert results["rss"] > 80 * 2**20  # both processes' 40 MB
+    assert 40 * 2**20 < results["pss"] < 60 * 2**20  # shared pages counted once
