@@ -2,6 +2,7 @@
 // garbage, foreign, stale; and the clean-up of pages of dead processes.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -162,3 +163,44 @@ TEST_F(PageFiles, ScanRemovesPagesOfDeadProcessesAndKeepsLiveOnes) {
 }
 
 }  // namespace
+
+// A live libebb process (CPython with libebb preloaded and telemetry on)
+// takes the soft-limit command: above the limit it purges at once, although
+// its purge delay is ten minutes, and the page then shows the limit.
+TEST_F(PageFiles, SoftLimitCommandPurgesALiveProcess) {
+  int ready[2];
+  ASSERT_EQ(pipe(ready), 0);
+  pid_t child = fork();
+  if (child == 0) {
+    dup2(ready[1], STDOUT_FILENO);
+    setenv("LD_PRELOAD", EBB_LIB_PATH, 1);
+    setenv("PYTHONMALLOC", "malloc", 1);
+    setenv("EBB_TELEMETRY", "1", 1);
+    setenv("EBB_TELEMETRY_DIR", dir_.c_str(), 1);
+    setenv("EBB_PURGE_DELAY_MS", "600000", 1);
+    execl("/usr/bin/python3", "python3", "-c",
+          "import time\n"
+          "x = [str(i) * 30 for i in range(600000)]\n"
+          "del x\n"
+          "print('ready', flush=True)\n"
+          "time.sleep(30)\n",
+          static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  close(ready[1]);
+  char buf[16] = {};
+  ASSERT_GT(::read(ready[0], buf, sizeof buf - 1), 0) << "python3 with libebb did not start";
+  close(ready[0]);
+
+  const uint64_t limit = 40ull << 20;
+  Ack ack = send(child, kCmdSetSoftLimit, limit, 5000);
+  ReadResult after = read_pid(child);
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  ASSERT_EQ(ack.status, Status::kOk) << ack.message;
+  EXPECT_GT(ack.rss_before, limit);  // ~60 MB of freed strings still resident
+  EXPECT_GT(ack.released, 10ull << 20);
+  EXPECT_LT(ack.rss_after, ack.rss_before - (10ull << 20));
+  ASSERT_EQ(after.status, Status::kOk) << after.message;
+  EXPECT_EQ(after.snap.soft_limit, limit);
+}
