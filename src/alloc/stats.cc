@@ -1,6 +1,6 @@
-// ebb_stats() and ebb_class_stats(): read the heap without stopping it.
-// Each bin is locked briefly in turn; the totals are a consistent-enough
-// snapshot for monitoring, not an atomic one.
+// ebb_stats() and ebb_class_stats(): read the heap. One pass over the
+// segments gives every class's figures; the bins and the segment list are
+// locked for that pass (in the fork handler's order), so the spans hold still.
 #include <cstring>
 
 #include "ebb.h"
@@ -14,21 +14,25 @@ struct ClassTotals {
   uint64_t spans = 0, out = 0, free = 0, resident_pages = 0;
 };
 
-ClassTotals class_totals(unsigned cls) {
-  ClassTotals t;
-  Bin& b = g_bins[cls];
-  LockGuard guard(b.lock);
-  t.spans = b.spans;
-  t.out = b.out;
-  LockGuard seg_guard(g_segment_lock);
+using AllTotals = ClassTotals[kNumClasses + 1];
+
+void class_totals(AllTotals& t) {
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) g_bins[cls].lock.lock();
+  g_segment_lock.lock();
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) {
+    t[cls].spans = g_bins[cls].spans;
+    t[cls].out = g_bins[cls].out;
+  }
   for (Segment* seg = g_segments; seg != nullptr; seg = seg->next)
     for (unsigned i = kFirstSpanSlice; i < kSlicesPerSegment; i++) {
       Span* s = &seg->spans[i];
-      if (seg->slice_span[i] != s || s->cls != cls) continue;
-      t.free += s->nfree + s->parked + (kClasses[cls].capacity - s->bump);
-      t.resident_pages += span_resident_pages(s);
+      if (seg->slice_span[i] != s || s->cls == 0) continue;
+      ClassTotals& c = t[s->cls];
+      c.free += s->nfree + s->parked + (kClasses[s->cls].capacity - s->bump);
+      c.resident_pages += span_resident_pages(s);
     }
-  return t;
+  g_segment_lock.unlock();
+  for (unsigned cls = kNumClasses; cls >= 1; cls--) g_bins[cls].lock.unlock();
 }
 
 uint64_t thread_cached_bytes() {
@@ -54,10 +58,11 @@ extern "C" __attribute__((visibility("default"))) int ebb_stats(ebb_stats_t* out
   s.version = EBB_STATS_VERSION;
   s.size = static_cast<uint32_t>(size < sizeof s ? size : sizeof s);
   uint64_t small_out_bytes = 0;
+  AllTotals totals;
+  class_totals(totals);
   for (unsigned cls = 1; cls <= kNumClasses; cls++) {
-    ClassTotals t = class_totals(cls);
-    small_out_bytes += t.out * class_size(cls);
-    s.active_pages += t.resident_pages;
+    small_out_bytes += totals[cls].out * class_size(cls);
+    s.active_pages += totals[cls].resident_pages;
   }
   {
     LockGuard guard(g_tcache_lock);
@@ -91,7 +96,9 @@ extern "C" __attribute__((visibility("default"))) unsigned ebb_class_count(void)
 extern "C" __attribute__((visibility("default"))) int ebb_class_stats(unsigned cls, ebb_class_stats_t* out,
                                                                       size_t size) noexcept {
   if (cls < 1 || cls > kNumClasses || out == nullptr || size == 0) return -1;
-  ClassTotals t = class_totals(cls);
+  AllTotals totals;
+  class_totals(totals);
+  const ClassTotals& t = totals[cls];
   ebb_class_stats_t c;
   c.object_size = kClasses[cls].size;
   c.span_bytes = static_cast<uint32_t>(kClasses[cls].slices * kSliceSize);

@@ -161,21 +161,29 @@ ReadResult read_page(const std::string& path, pid_t pid, uint64_t start_ticks, u
   return r;
 }
 
-ReadResult read_pid(pid_t pid, const std::string& proc_root) {
-  proc::Process p = proc::read_process(pid, proc_root);
+namespace {
+
+// The page of a process already read from /proc.
+ReadResult read_for(const proc::Process& p, const std::string& proc_root) {
   if (p.state == proc::State::kGone) return fail(Status::kNoPage, "no such process", "");
-  return read_page(page_path(pid, p.uid, proc_root), pid, p.start_ticks, p.uid);
+  return read_page(page_path(p.pid, p.uid, proc_root), p.pid, p.start_ticks, p.uid);
+}
+
+}  // namespace
+
+ReadResult read_pid(pid_t pid, const std::string& proc_root) {
+  return read_for(proc::read_process(pid, proc_root), proc_root);
 }
 
 Ack send(pid_t pid, Command cmd, uint64_t arg, int timeout_ms, const std::string& proc_root) {
   Ack ack;
-  ReadResult check = read_pid(pid, proc_root);
+  proc::Process proc = proc::read_process(pid, proc_root);
+  ReadResult check = read_for(proc, proc_root);
   if (check.status != Status::kOk) {
     ack.status = check.status;
     ack.message = check.message;
     return ack;
   }
-  proc::Process proc = proc::read_process(pid, proc_root);
   ReadResult err;
   int fd = open_checked(check.path, proc.uid, O_RDWR, &err);
   if (fd < 0) {
