@@ -77,6 +77,7 @@ class Screen {
 struct State {
   std::map<pid_t, std::deque<uint64_t>> history;
   size_t selected = 0;
+  std::vector<pid_t> shown;  // the rows of the last frame, in order: what the selection points at
   std::string status;
 };
 
@@ -96,6 +97,8 @@ std::vector<std::string> frame(const TopOptions& o, State& st, size_t width, siz
   }
   st.history = std::move(history);  // forget processes that are gone
   if (!rows.empty() && st.selected >= rows.size()) st.selected = rows.size() - 1;
+  st.shown.clear();
+  for (const Row& r : rows) st.shown.push_back(r.p.pid);
 
   std::vector<std::string> lines;
   lines.push_back(fmt::format("ebb top  {} processes  RSS {}  PSS {}  sort: {}", rows.size(), human_bytes(rss),
@@ -125,16 +128,11 @@ std::vector<std::string> frame(const TopOptions& o, State& st, size_t width, siz
   return lines;
 }
 
-pid_t selected_pid(const TopOptions& o, const State& st) {
-  std::vector<Row> rows = collect(o.sel);
-  std::erase_if(rows, [](const Row& r) { return r.p.state == proc::State::kGone; });
-  sort_rows(rows, o.sort);
-  return st.selected < rows.size() ? rows[st.selected].p.pid : 0;
-}
-
-void trim_selected(const TopOptions& o, State& st) {
-  pid_t pid = selected_pid(o, st);
-  if (pid == 0) return;
+// Trims the process the user sees selected (not a fresh listing, whose order
+// may have changed since the frame was drawn).
+void trim_selected(State& st) {
+  if (st.selected >= st.shown.size()) return;
+  pid_t pid = st.shown[st.selected];
   telemetry::ReadResult r = telemetry::read_pid(pid);
   if (r.status != telemetry::Status::kOk) {
     st.status = fmt::format("{}: cannot trim ({}; allocator {})", pid, r.message, proc::allocator_of(pid));
@@ -189,7 +187,7 @@ int run_screen(TopOptions o) {  // a copy: the sort keys change it
     for (ssize_t k = 0; k < n; k++) {
       char c = keys[k];
       if (c == 'q' || c == 3) return 0;
-      if (c == 't') trim_selected(o, st);
+      if (c == 't') trim_selected(st);
       for (const char* s : sorts)
         if (c == s[0]) o.sort = s;
       if (c == '\x1b' && k + 2 < n && keys[k + 1] == '[') {
