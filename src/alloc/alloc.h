@@ -36,7 +36,7 @@ EBB_INLINE void* alloc(size_t size) {
 // object libebb handed out; aborts with a message naming `what` otherwise.
 EBB_INLINE Span* checked_span(SegmentHeader* h, const void* p, const char* what) {
   Span* s = span_of(h, p);
-  if (EBB_UNLIKELY(s == nullptr || s->cls == 0)) os::fatal_pointer(what, "invalid pointer", p);
+  if (EBB_UNLIKELY(s->cls == 0)) os::fatal_pointer(what, "invalid pointer", p);
   const ClassInfo& ci = kClasses[s->cls];
   uint64_t off = static_cast<uint64_t>(static_cast<const uint8_t*>(p) - s->start);
   uint64_t idx = (off * ci.recip) >> 40;

@@ -30,26 +30,30 @@ struct FreeObj {
 
 constexpr size_t kSpanBitmapWords = 4096 / 64;  // one bit per slot: 4096 slots at most
 
+// A span's descriptor lives in its segment's header page, next to those of
+// the other spans of the segment: 56 bytes, so that all of them, with the
+// rest of the header, fit one page. The free bitmap and the purged-page bits
+// are in the segment too (Segment::free_bits, Segment::purged).
 struct Span {
-  uint64_t* free_bits;  // bit i: carved slot i is free here (parked slots excluded)
-  uint8_t* start;
-  Span* next;  // in the bin's list of spans with free objects
+  uint8_t* start;  // the first object (the span's first slice)
+  Span* next;      // in the bin's list of spans with free objects
   Span* prev;
   uint32_t used;     // objects out: with the program or in a thread cache
   uint32_t bump;     // slots carved so far; slots [bump, capacity) are neither in use nor listed
   uint32_t high;     // highest bump since the span was made: pages below it may be resident
-  uint32_t nfree;    // bits set in free_bits
-  uint32_t parked;   // free slots left out of free_bits because they overlap purged pages
-  uint32_t hint;     // free_bits words below this one are zero
+  uint32_t nfree;    // bits set in the free bitmap
+  uint32_t parked;   // free slots left out of the bitmap because they overlap purged pages
+  uint32_t hint;     // free bitmap words below this one are zero
   uint32_t touched;  // low 32 bits of now_ms() when objects last came back (decay clock)
-  uint16_t cls;      // size class; 0 while the slices are not a span
-  uint16_t nslices;
-  bool in_list;                         // in the bin's list
-  bool dirty;                           // objects came back since the last purge
-  uint64_t purged[kMaxSpanPages / 64];  // pages given back to the OS while the span lives
+  uint8_t cls;       // size class; 0 while the slices are not a span
+  uint8_t slice;     // index of the span's first slice in its segment
+  uint8_t nslices;
+  bool in_list : 1;  // in the bin's list
+  bool dirty : 1;    // objects came back since the last purge
 
   bool full() const { return nfree == 0 && parked == 0 && bump == kClasses[cls].capacity; }
 };
+static_assert(sizeof(Span) == 56, "64 span descriptors and the segment header share one page");
 
 enum SegmentKind : uint32_t { kSmallSegment = 1, kLargeSegment = 2 };
 constexpr uint64_t kSegmentMagic = 0x65626273656730ull;  // "ebbseg0"
@@ -64,21 +68,35 @@ struct SegmentHeader {
   size_t request;        // large: bytes asked for (for stats)
 };
 
+constexpr size_t kPagesPerSlice = kSliceSize / kPageSize;
+constexpr size_t kPagesPerSegment = kSegmentSize / kPageSize;
+
+// The header of a small segment, in its slice 0. Everything but the free
+// bitmaps fits the first page; the bitmaps start on the second. A segment of
+// one busy class then keeps two or three header pages resident (0.2% of 4 MiB).
 struct Segment {
   SegmentHeader h;
   Segment* next;  // all small segments, oldest first
   Segment* prev;
-  uint64_t free_slices;                 // bit i: slice i belongs to no span (and is not resident)
-  uint32_t empty_since;                 // now_ms() when the last span left (all slices free)
-  Span* slice_span[kSlicesPerSegment];  // the span covering each slice
-  Span spans[kSlicesPerSegment];        // the descriptor of the span starting at slice i
+  uint64_t free_slices;  // bit i: slice i belongs to no span (and is not resident)
+  uint32_t empty_since;  // now_ms() when the last span left (all slices free)
+  // The first slice of the span covering slice i (0: none). spans[0] is never
+  // a span (slice 0 is this header), so its class 0 marks a foreign pointer.
+  uint8_t slice_first[kSlicesPerSegment];
+  uint64_t purged[kPagesPerSegment / 64];  // pages given back to the OS while their span lives
+  Span spans[kSlicesPerSegment];           // the descriptor of the span starting at slice i
   // The spans' free bitmaps, stored by cache line: line 0 (words 0-7) of every
   // span, then line 1 of every span, and so on. A class that needs few words
-  // per span (all but the smallest) then touches one or two pages of bitmap
-  // per segment instead of eight.
-  uint64_t free_bits[kSpanBitmapWords / 8][kSlicesPerSegment][8];
+  // per span (all but the smallest) then touches one page of bitmap per
+  // segment instead of eight.
+  alignas(kPageSize) uint64_t free_bits[kSpanBitmapWords / 8][kSlicesPerSegment][8];
 };
+static_assert(offsetof(Segment, free_bits) == kPageSize, "the header but the bitmaps fits one page");
 static_assert(sizeof(Segment) <= kSliceSize * kFirstSpanSlice, "segment header must fit its slices");
+
+EBB_INLINE Segment* segment_of_span(const Span* s) {
+  return reinterpret_cast<Segment*>(reinterpret_cast<uintptr_t>(s) & ~kSegmentMask);
+}
 
 struct Bin {
   Lock lock;
@@ -108,7 +126,7 @@ extern uint64_t g_free_key;  // random; marks free objects
 struct Options {
   uint32_t purge_delay_ms = 250;  // EBB_PURGE_DELAY_MS: free pages idle this long go back
   bool background = true;         // EBB_BACKGROUND=0: no purger thread (purge on activity only)
-  uint32_t tcache_bytes = 32768;  // EBB_TCACHE_BYTES: per class and thread (0: no thread cache)
+  uint32_t tcache_bytes = 16384;  // EBB_TCACHE_BYTES: per class and thread (0: no thread cache)
   uint32_t large_cache_mb = 32;   // EBB_LARGE_CACHE_MB: freed large blocks kept for reuse
   bool verbose = false;           // EBB_VERBOSE=1: print the options at start
 };
@@ -157,7 +175,7 @@ bool span_is_free_slot(Span* s, const void* p);  // for double-free reports (slo
 size_t span_resident_pages(const Span* s);
 // Word w of span s's free bitmap (see Segment::free_bits).
 EBB_INLINE uint64_t& span_word(const Span* s, size_t w) {
-  return s->free_bits[(w / 8) * (kSlicesPerSegment * 8) + w % 8];
+  return segment_of_span(s)->free_bits[w / 8][s->slice][w % 8];
 }
 
 // Slot index of object p in span s.
@@ -165,10 +183,11 @@ EBB_INLINE size_t span_slot(const Span* s, const void* p) {
   uint64_t off = static_cast<uint64_t>(static_cast<const uint8_t*>(p) - s->start);
   return static_cast<size_t>((off * kClasses[s->cls].recip) >> 40);
 }
+// The span covering p; a slice in no span gives spans[0], whose class is 0.
 EBB_INLINE Span* span_of(SegmentHeader* h, const void* p) {
   auto* seg = reinterpret_cast<Segment*>(h);
   size_t slice = (reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(h)) >> kSliceShift;
-  return seg->slice_span[slice];
+  return &seg->spans[seg->slice_first[slice]];
 }
 
 // ---- bins (bin.cc) ----------------------------------------------------------

@@ -113,18 +113,18 @@ Span* segment_alloc_span(unsigned nslices) {
   }
   seg->free_slices &= ~run_mask(static_cast<unsigned>(first), nslices);
   Span* span = &seg->spans[first];
-  span->free_bits = &seg->free_bits[0][first][0];
   span->start = reinterpret_cast<uint8_t*>(seg) + (static_cast<size_t>(first) << kSliceShift);
-  span->nslices = static_cast<uint16_t>(nslices);
-  for (unsigned i = 0; i < nslices; i++) seg->slice_span[first + i] = span;
+  span->slice = static_cast<uint8_t>(first);
+  span->nslices = static_cast<uint8_t>(nslices);
+  for (unsigned i = 0; i < nslices; i++) seg->slice_first[first + i] = static_cast<uint8_t>(first);
   return span;
 }
 
 void segment_free_span(Span* span) {
   auto* seg = reinterpret_cast<Segment*>(reinterpret_cast<uintptr_t>(span) & ~kSegmentMask);
-  unsigned first = static_cast<unsigned>((span->start - reinterpret_cast<uint8_t*>(seg)) >> kSliceShift);
+  unsigned first = span->slice;
   LockGuard guard(g_segment_lock);
-  for (unsigned i = 0; i < span->nslices; i++) seg->slice_span[first + i] = nullptr;
+  for (unsigned i = 0; i < span->nslices; i++) seg->slice_first[first + i] = 0;
   seg->free_slices |= run_mask(first, span->nslices);
   span->cls = 0;
   if (seg->free_slices == run_mask(kFirstSpanSlice, kSlicesPerSegment - kFirstSpanSlice))

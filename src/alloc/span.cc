@@ -15,7 +15,6 @@
 // parked), or wholly above it (nothing there was carved since the last
 // reset; carving clears their bit). The page that straddles the carve line
 // is never purged, so the two kinds never mix.
-#include <cstring>
 
 #include "heap.h"
 #include "os.h"
@@ -24,13 +23,47 @@ namespace ebb {
 
 namespace {
 
-bool page_purged(const Span* s, size_t page) { return (s->purged[page >> 6] >> (page & 63)) & 1; }
-void set_purged(Span* s, size_t page) { s->purged[page >> 6] |= uint64_t{1} << (page & 63); }
-void clear_purged(Span* s, size_t page) { s->purged[page >> 6] &= ~(uint64_t{1} << (page & 63)); }
+// A span's purged-page bits are its pages' range of the segment's bitmap.
+size_t page_base(const Span* s) { return size_t{s->slice} * kPagesPerSlice; }
+bool page_purged(const Span* s, size_t page) {
+  size_t i = page_base(s) + page;
+  return (segment_of_span(s)->purged[i >> 6] >> (i & 63)) & 1;
+}
+void set_purged(Span* s, size_t page) {
+  size_t i = page_base(s) + page;
+  segment_of_span(s)->purged[i >> 6] |= uint64_t{1} << (i & 63);
+}
+void clear_purged(Span* s, size_t page) {
+  size_t i = page_base(s) + page;
+  segment_of_span(s)->purged[i >> 6] &= ~(uint64_t{1} << (i & 63));
+}
+
+// Calls f(word, mask) for the words of the segment's purged bitmap that hold
+// the span's pages; mask selects the span's bits. Spans start on a slice
+// boundary (16 pages), so a word holds bits of at most four spans.
+template <typename F>
+EBB_INLINE void for_purged_words(const Span* s, F f) {
+  const size_t first = page_base(s);
+  const size_t end = first + size_t{s->nslices} * kPagesPerSlice;
+  uint64_t* bits = segment_of_span(s)->purged;
+  for (size_t w = first >> 6; w << 6 < end; w++) {
+    size_t lo = w << 6 < first ? first - (w << 6) : 0;
+    size_t hi = (w + 1) << 6 > end ? end - (w << 6) : 64;
+    uint64_t mask = (hi - lo == 64 ? ~uint64_t{0} : ((uint64_t{1} << (hi - lo)) - 1)) << lo;
+    f(bits[w], mask);
+  }
+}
+
 bool any_purged(const Span* s) {
-  for (uint64_t w : s->purged)
-    if (w != 0) return true;
-  return false;
+  bool any = false;
+  for_purged_words(s, [&](uint64_t& w, uint64_t m) { any |= (w & m) != 0; });
+  return any;
+}
+
+size_t count_purged(const Span* s) {
+  size_t n = 0;
+  for_purged_words(s, [&](uint64_t& w, uint64_t m) { n += static_cast<size_t>(__builtin_popcountll(w & m)); });
+  return n;
 }
 
 // Pages [first, last] that slot `idx` overlaps.
@@ -87,14 +120,14 @@ void span_init(Span* s, unsigned cls) {
   s->next = s->prev = nullptr;
   s->used = s->bump = s->high = s->nfree = s->parked = s->hint = 0;
   s->touched = 0;
-  s->cls = static_cast<uint16_t>(cls);
+  s->cls = static_cast<uint8_t>(cls);
   s->in_list = false;
   s->dirty = false;
   // The bitmap is already zero: fresh segments are, and a span leaves only
   // through span_reset (its last object came back), which clears it. Not
   // touching it here keeps a span that is only ever carved from faulting in
   // bitmap pages.
-  memset(s->purged, 0, sizeof s->purged);
+  for_purged_words(s, [](uint64_t& w, uint64_t m) { w &= ~m; });
 }
 
 uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
@@ -245,8 +278,7 @@ bool span_is_free_slot(Span* s, const void* p) {
 
 size_t span_resident_pages(const Span* s) {
   size_t touched = (size_t{s->high} * class_size(s->cls) + kPageSize - 1) >> kPageShift;
-  size_t purged = 0;
-  for (uint64_t w : s->purged) purged += static_cast<size_t>(__builtin_popcountll(w));
+  size_t purged = count_purged(s);
   return touched > purged ? touched - purged : 0;
 }
 

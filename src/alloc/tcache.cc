@@ -46,8 +46,10 @@ void tcache_init(ThreadCache* tc) {
   ensure_init();
   tc->state = 1;  // first: what follows may allocate and must not recurse here
   for (unsigned cls = 1; cls <= kNumClasses; cls++) {
+    // Classes bigger than the budget are not cached: an idle thread's cache
+    // cannot be purged, and two 100 KiB buffers kept per class and thread
+    // would cost more resident memory than the lock they save is worth.
     size_t n = g_options.tcache_bytes / class_size(cls);
-    if (g_options.tcache_bytes != 0 && n < 2) n = 2;
     tc->bins[cls].max = static_cast<uint16_t>(n > 128 ? 128 : n);
     tc->bins[cls].batch = static_cast<uint16_t>(tc->bins[cls].max / 2 < 4 ? tc->bins[cls].max / 2 : 4);
   }

@@ -23,10 +23,9 @@
 
 #include "commands.h"
 #include "format.h"
+#include "launch.h"
 #include "plot.h"
 #include "proc.h"
-
-extern char** environ;
 
 namespace ebb::cli {
 
@@ -44,12 +43,6 @@ struct CompareOptions {
   std::vector<std::string> command;
 };
 
-struct Allocator {
-  std::string name;
-  std::string preload;  // library for LD_PRELOAD, empty for none
-  bool python_malloc;   // PYTHONMALLOC=malloc
-};
-
 struct Run {
   std::vector<Sample> samples;  // t in seconds, bytes
   double wall_s = 0, cpu_s = 0;
@@ -58,61 +51,6 @@ struct Run {
   uint64_t peak = 0, final = 0;
   double mean = 0, gb_s = 0;
 };
-
-std::string self_dir() {
-  char buf[4096];
-  ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
-  if (n <= 0) return ".";
-  buf[n] = 0;
-  std::string p(buf);
-  return p.substr(0, p.rfind('/'));
-}
-
-bool is_file(const std::string& p) { return access(p.c_str(), R_OK) == 0; }
-
-// The peers from the distribution's packages, where Debian puts them.
-std::string find_lib(const std::vector<std::string>& names) {
-  for (const char* dir :
-       {"/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"})
-    for (const auto& n : names)
-      if (is_file(std::string(dir) + "/" + n)) return std::string(dir) + "/" + n;
-  return "";
-}
-
-// nullopt with a reason when the allocator is not available here.
-std::optional<Allocator> resolve(const std::string& name, std::string* why) {
-  if (name == "pymalloc") return Allocator{name, "", false};
-  if (name == "system" || name == "glibc") return Allocator{"system", "", true};
-  std::string lib;
-  if (name == "ebb") {
-    const char* env = getenv("EBB_LIB");
-    lib = env != nullptr ? env : self_dir() + "/../lib/libebb.so";
-    if (!is_file(lib)) {
-      *why = "libebb not found at " + lib + " (set EBB_LIB)";
-      return std::nullopt;
-    }
-  } else if (name == "jemalloc") {
-    lib = find_lib({"libjemalloc.so.2", "libjemalloc.so"});
-  } else if (name == "mimalloc") {
-    lib = find_lib({"libmimalloc.so.2", "libmimalloc.so"});
-  } else if (name == "tcmalloc") {
-    lib = find_lib({"libtcmalloc_minimal.so.4", "libtcmalloc.so.4"});
-  } else if (name.find('/') != std::string::npos) {
-    lib = name;
-    if (!is_file(lib)) {
-      *why = "no such library";
-      return std::nullopt;
-    }
-  } else {
-    *why = "unknown allocator (ebb, system, jemalloc, mimalloc, tcmalloc, pymalloc, or a library path)";
-    return std::nullopt;
-  }
-  if (lib.empty()) {
-    *why = "library not installed (Debian: lib" + name + "…)";
-    return std::nullopt;
-  }
-  return Allocator{name, lib, true};
-}
 
 uint64_t tree_memory(pid_t root, bool pss) {
   uint64_t total = 0;
@@ -138,14 +76,7 @@ double now_s() {
 
 // Runs the command once under `a`, its output appended to log_fd.
 Run run_once(const CompareOptions& o, const Allocator& a, int log_fd) {
-  std::vector<std::string> env_store;
-  for (char** e = environ; *e != nullptr; e++) {
-    std::string kv(*e);
-    if (kv.rfind("LD_PRELOAD=", 0) == 0 || kv.rfind("PYTHONMALLOC=", 0) == 0) continue;
-    env_store.push_back(kv);
-  }
-  if (!a.preload.empty()) env_store.push_back("LD_PRELOAD=" + a.preload);
-  if (a.python_malloc) env_store.push_back("PYTHONMALLOC=malloc");
+  std::vector<std::string> env_store = child_environment(a, {});
   std::vector<char*> envp, argv;
   for (auto& s : env_store) envp.push_back(s.data());
   envp.push_back(nullptr);
@@ -205,22 +136,6 @@ double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   size_t n = v.size();
   return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
-}
-
-// True if `cmd` can be executed: a path, or a name found on PATH.
-bool runnable(const std::string& cmd) {
-  if (cmd.find('/') != std::string::npos) return access(cmd.c_str(), X_OK) == 0;
-  const char* path = getenv("PATH");
-  std::string dirs = path != nullptr ? path : "/usr/bin:/bin";
-  size_t at = 0;
-  while (at <= dirs.size()) {
-    size_t colon = dirs.find(':', at);
-    std::string dir = dirs.substr(at, colon == std::string::npos ? std::string::npos : colon - at);
-    if (access(((dir.empty() ? "." : dir) + "/" + cmd).c_str(), X_OK) == 0) return true;
-    if (colon == std::string::npos) break;
-    at = colon + 1;
-  }
-  return false;
 }
 
 int run_compare(const CompareOptions& o) {

@@ -21,6 +21,14 @@ TEST(SizeClass, SmallClassesAre16BytesApartUpTo512) {
   EXPECT_EQ(class_size(kFineClasses), 512u);
 }
 
+TEST(SizeClass, MediumClassesAre64BytesApartUpTo8KiB) {
+  for (unsigned cls = kFineClasses + 1; cls <= kMediumClasses; cls++)
+    EXPECT_EQ(class_size(cls), class_size(cls - 1) + 64) << cls;
+  EXPECT_EQ(class_size(kMediumClasses), 8192u);
+  // A ~5 KB Python string (5,054 bytes: the seed's frag scenario) wastes 2 bytes.
+  EXPECT_EQ(class_size(size_to_class(5054)), 5056u);
+}
+
 TEST(SizeClass, WasteAbove512IsUnderAQuarter) {
   for (unsigned cls = kFineClasses + 1; cls <= kNumClasses; cls++) {
     size_t prev = class_size(cls - 1);
@@ -47,5 +55,14 @@ TEST(SizeClass, SpansHoldAtLeastEightObjectsAndFitTheirSlices) {
     EXPECT_LE(ci.slices, kMaxSpanSlices);
     EXPECT_LE(size_t{ci.capacity} * ci.size, size_t{ci.slices} * kSliceSize);
     EXPECT_LE(ci.capacity, 4096u);  // span_purge's bitmap
+  }
+}
+
+TEST(SizeClass, TheLastPageOfASpanWastesUnderTwoPerMille) {
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) {
+    const ClassInfo& ci = kClasses[cls];
+    size_t bytes = size_t{ci.capacity} * ci.size;
+    size_t resident = (bytes + kPageSize - 1) / kPageSize * kPageSize;
+    EXPECT_LE((resident - bytes) * 500, bytes) << "class " << cls << " size " << ci.size << " slices " << ci.slices;
   }
 }

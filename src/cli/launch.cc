@@ -1,0 +1,99 @@
+#include "launch.h"
+
+#include <unistd.h>
+
+#include <cstdlib>
+
+extern char** environ;
+
+namespace ebb::cli {
+
+namespace {
+
+std::string self_dir() {
+  char buf[4096];
+  ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n <= 0) return ".";
+  buf[n] = 0;
+  std::string p(buf);
+  return p.substr(0, p.rfind('/'));
+}
+
+bool is_file(const std::string& p) { return access(p.c_str(), R_OK) == 0; }
+
+// The peers from the distribution's packages, where Debian puts them.
+std::string find_lib(const std::vector<std::string>& names) {
+  for (const char* dir :
+       {"/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"})
+    for (const auto& n : names)
+      if (is_file(std::string(dir) + "/" + n)) return std::string(dir) + "/" + n;
+  return "";
+}
+
+}  // namespace
+
+std::optional<Allocator> resolve(const std::string& name, std::string* why) {
+  if (name == "pymalloc") return Allocator{name, "", false};
+  if (name == "system" || name == "glibc") return Allocator{"system", "", true};
+  std::string lib;
+  if (name == "ebb") {
+    const char* env = getenv("EBB_LIB");
+    lib = env != nullptr ? env : self_dir() + "/../lib/libebb.so";
+    if (!is_file(lib)) {
+      *why = "libebb not found at " + lib + " (set EBB_LIB)";
+      return std::nullopt;
+    }
+  } else if (name == "jemalloc") {
+    lib = find_lib({"libjemalloc.so.2", "libjemalloc.so"});
+  } else if (name == "mimalloc") {
+    lib = find_lib({"libmimalloc.so.2", "libmimalloc.so"});
+  } else if (name == "tcmalloc") {
+    lib = find_lib({"libtcmalloc_minimal.so.4", "libtcmalloc.so.4"});
+  } else if (name.find('/') != std::string::npos) {
+    lib = name;
+    if (!is_file(lib)) {
+      *why = "no such library";
+      return std::nullopt;
+    }
+  } else {
+    *why = "unknown allocator (ebb, system, jemalloc, mimalloc, tcmalloc, pymalloc, or a library path)";
+    return std::nullopt;
+  }
+  if (lib.empty()) {
+    *why = "library not installed (Debian: lib" + name + "…)";
+    return std::nullopt;
+  }
+  return Allocator{name, lib, true};
+}
+
+bool runnable(const std::string& cmd) {
+  if (cmd.find('/') != std::string::npos) return access(cmd.c_str(), X_OK) == 0;
+  const char* path = getenv("PATH");
+  std::string dirs = path != nullptr ? path : "/usr/bin:/bin";
+  size_t at = 0;
+  while (at <= dirs.size()) {
+    size_t colon = dirs.find(':', at);
+    std::string dir = dirs.substr(at, colon == std::string::npos ? std::string::npos : colon - at);
+    if (access(((dir.empty() ? "." : dir) + "/" + cmd).c_str(), X_OK) == 0) return true;
+    if (colon == std::string::npos) break;
+    at = colon + 1;
+  }
+  return false;
+}
+
+std::vector<std::string> child_environment(const Allocator& a, const std::vector<std::string>& extra) {
+  std::vector<std::string> env;
+  for (char** e = environ; *e != nullptr; e++) {
+    std::string kv(*e);
+    if (kv.rfind("LD_PRELOAD=", 0) == 0 || kv.rfind("PYTHONMALLOC=", 0) == 0) continue;
+    bool replaced = false;
+    for (const auto& x : extra) replaced |= kv.compare(0, x.find('=') + 1, x, 0, x.find('=') + 1) == 0;
+    if (!replaced) env.push_back(kv);
+  }
+  if (!a.preload.empty()) env.push_back("LD_PRELOAD=" + a.preload);
+  if (a.python_malloc) env.push_back("PYTHONMALLOC=malloc");
+  for (const auto& x : extra) env.push_back(x);
+  return env;
+}
+
+}  // namespace ebb::cli

@@ -1,0 +1,29 @@
+// Starting commands under a chosen allocator: shared by `ebb compare` and
+// `ebb run`.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace ebb::cli {
+
+struct Allocator {
+  std::string name;
+  std::string preload;  // library for LD_PRELOAD, empty for none
+  bool python_malloc;   // PYTHONMALLOC=malloc
+};
+
+// ebb, system (glibc), jemalloc, mimalloc, tcmalloc, pymalloc, or a library
+// path; nullopt with the reason in *why when it is not available here. ebb is
+// $EBB_LIB, else lib/libebb.so next to this program's bin/.
+std::optional<Allocator> resolve(const std::string& name, std::string* why);
+
+// True if `cmd` can be executed: a path, or a name found on PATH.
+bool runnable(const std::string& cmd);
+
+// This process's environment for a child under `a`: LD_PRELOAD and
+// PYTHONMALLOC replaced, then `extra` ("NAME=value") added.
+std::vector<std::string> child_environment(const Allocator& a, const std::vector<std::string>& extra);
+
+}  // namespace ebb::cli
