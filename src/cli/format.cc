@@ -50,6 +50,29 @@ bool parse_size(const std::string& text, uint64_t* out) {
   return true;
 }
 
+bool parse_duration(const std::string& text, double* seconds) {
+  if (text.empty()) return false;
+  char* end = nullptr;
+  double v = strtod(text.c_str(), &end);
+  if (end == text.c_str() || v < 0 || !std::isfinite(v)) return false;
+  std::string unit(end);
+  double mult;
+  if (unit.empty() || unit == "s")
+    mult = 1;
+  else if (unit == "ms")
+    mult = 0.001;
+  else if (unit == "m" || unit == "min")
+    mult = 60;
+  else if (unit == "h")
+    mult = 3600;
+  else if (unit == "d")
+    mult = 86400;
+  else
+    return false;
+  *seconds = v * mult;
+  return true;
+}
+
 namespace {
 
 // Columns on screen: UTF-8 continuation bytes take none (every character

@@ -13,6 +13,10 @@ std::string human_bytes(uint64_t bytes);
 // Parses "512M", "2G", "1.5GiB", "1048576" into bytes; false on bad input.
 bool parse_size(const std::string& text, uint64_t* out);
 
+// Parses "30", "30s", "500ms", "5m", "2h", "1d", "1.5m" into seconds
+// (a bare number is seconds); false on bad input or a negative value.
+bool parse_duration(const std::string& text, double* seconds);
+
 // A left/right aligned text table; columns marked numeric are right-aligned.
 class Table {
  public:

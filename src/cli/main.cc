@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   ebb::cli::register_top(app, rc);
   ebb::cli::register_trim(app, rc);
   ebb::cli::register_compare(app, rc);
+  ebb::cli::register_run(app, rc);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,724 @@
+#include "supervisor.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <random>
+
+#include "cgroup.h"
+#include "proc.h"
+#include "reader.h"
+
+namespace ebb::supervisor {
+
+const char* metric_name(Metric m) {
+  switch (m) {
+    case Metric::kRss:
+      return "rss";
+    case Metric::kPss:
+      return "pss";
+    case Metric::kUss:
+      return "uss";
+  }
+  return "?";
+}
+
+namespace {
+
+constexpr double kNever = -1e18;
+
+double now_s() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) / 1e9;
+}
+
+std::string mib(uint64_t bytes) {
+  char buf[32];
+  snprintf(buf, sizeof buf, "%.1fM", static_cast<double>(bytes) / (1 << 20));
+  return buf;
+}
+
+// One line per decision, human or JSON, on stderr.
+class Log {
+ public:
+  explicit Log(LogFormat f) : format_(f) {}
+
+  // `text` is the human line; `fields` the same facts for JSON.
+  void event(const std::string& name, const std::string& text, nlohmann::json fields = nlohmann::json::object()) {
+    std::string line;
+    if (format_ == LogFormat::kJson) {
+      fields["time"] = timestamp();
+      fields["event"] = name;
+      fields["message"] = text;
+      line = fields.dump() + "\n";
+    } else {
+      line = timestamp() + " ebb run: " + text + "\n";
+    }
+    ssize_t ignored = write(STDERR_FILENO, line.data(), line.size());
+    (void)ignored;
+  }
+
+ private:
+  static std::string timestamp() {
+    timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    tm t;
+    gmtime_r(&ts.tv_sec, &t);
+    char buf[40];
+    size_t n = strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &t);
+    snprintf(buf + n, sizeof buf - n, ".%03ldZ", ts.tv_nsec / 1000000);
+    return buf;
+  }
+  LogFormat format_;
+};
+
+struct Worker {
+  int id = 0;  // slot number (1..N); in children mode, a running count
+  pid_t pid = 0;
+  double started = 0;
+  Limits limits;
+  uint64_t mem = 0;
+  bool can_trim = false;
+  bool soft_limit_sent = false;
+  double last_trim = kNever;
+  bool stopping = false;
+  double stop_sent = 0;
+  bool killed = false;
+  std::string stop_reason;
+};
+
+struct Slot {
+  int id = 0;
+  pid_t pid = 0;             // its current worker, 0 when none
+  double restart_at = -1;    // start a worker at this time; -1: not scheduled
+  unsigned quick_exits = 0;  // consecutive exits sooner than min_uptime
+  bool retired = false;      // removed by TTOU: do not restart
+};
+
+// The parent of every process, read once per tick.
+std::multimap<pid_t, pid_t> children_map() {
+  std::multimap<pid_t, pid_t> children;
+  for (pid_t pid : proc::list_pids()) {
+    auto stat = proc::read_file("/proc/" + std::to_string(pid) + "/stat");
+    if (!stat) continue;
+    size_t close = stat->rfind(')');
+    if (close == std::string::npos) continue;
+    char state;
+    int ppid;
+    if (sscanf(stat->c_str() + close + 1, " %c %d", &state, &ppid) == 2) children.emplace(ppid, pid);
+  }
+  return children;
+}
+
+std::vector<pid_t> subtree(pid_t root, const std::multimap<pid_t, pid_t>& children) {
+  std::vector<pid_t> out{root};
+  for (size_t i = 0; i < out.size(); i++) {
+    auto range = children.equal_range(out[i]);
+    for (auto it = range.first; it != range.second; ++it) out.push_back(it->second);
+  }
+  return out;
+}
+
+std::string fmt_worker(int id, pid_t pid) {
+  return "worker " + std::to_string(id) + " [pid " + std::to_string(pid) + "]";
+}
+
+std::string signame(int sig) {
+  const char* a = sigabbrev_np(sig);
+  return a != nullptr ? std::string("SIG") + a : "signal " + std::to_string(sig);
+}
+
+std::string seconds(double s) {
+  char buf[32];
+  snprintf(buf, sizeof buf, s < 10 ? "%.1fs" : "%.0fs", s);
+  return buf;
+}
+
+uint64_t process_memory(pid_t pid, Metric m) {
+  if (m == Metric::kRss) {
+    auto statm = proc::read_file("/proc/" + std::to_string(pid) + "/statm");
+    unsigned long long size = 0, resident = 0;
+    if (!statm || sscanf(statm->c_str(), "%llu %llu", &size, &resident) != 2) return 0;
+    return resident * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  }
+  proc::Process p = proc::read_process(pid);
+  return m == Metric::kPss ? p.mem.pss : p.mem.uss;
+}
+
+class Fleet {
+ public:
+  explicit Fleet(const Options& o) : o_(o), log_(o.log_format), rng_(std::random_device{}()) {}
+
+  int run();
+
+ private:
+  // ---- processes
+  pid_t spawn(int id);
+  void start_slot(Slot& s, const char* why);
+  void stop(Worker& w, const std::string& reason);
+  void reap();
+  void on_exit(pid_t pid, int status);
+
+  // ---- policy
+  void tick();
+  void sample(const std::multimap<pid_t, pid_t>& children);
+  void discover_children(const std::multimap<pid_t, pid_t>& children);
+  void trim(Worker& w, const std::string& reason);
+  void recycle(Worker& w, const std::string& reason);
+  void watch_cgroup();
+
+  // ---- signals and shutdown
+  void on_signal(int sig);
+  void begin_shutdown(const char* why);
+  void enforce_grace();
+  double next_wakeup() const;
+  Limits draw();
+  unsigned live_slots() const;
+  unsigned stopping_count() const;
+  void continue_reload();
+
+  const Options& o_;
+  Log log_;
+  std::mt19937_64 rng_;
+  std::vector<Slot> slots_;
+  std::map<pid_t, Worker> workers_;
+  uint64_t total_ = 0;
+  double last_fleet_trim_ = kNever;
+  double next_tick_ = 0;
+  bool shutting_down_ = false;
+  double shutdown_at_ = 0;
+  bool unhealthy_ = false;
+  int next_child_id_ = 1;
+  std::optional<proc::Cgroup> cgroup_;
+  proc::MemoryEvents events_{};
+  bool pressure_high_ = false;
+  std::vector<pid_t> pending_reload_;  // SIGHUP: workers still to recycle
+};
+
+Limits Fleet::draw() {
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  double a = u(rng_), b = u(rng_), c = u(rng_);
+  return draw_limits(o_.policy, a, b, c);
+}
+
+pid_t Fleet::spawn(int id) {
+  std::vector<std::string> env = o_.env;
+  env.push_back("EBB_WORKER_ID=" + std::to_string(id));
+  std::vector<char*> envp, argv;
+  for (auto& s : env) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  std::vector<std::string> args = o_.command;
+  for (auto& s : args) argv.push_back(s.data());
+  argv.push_back(nullptr);
+  pid_t ppid = getpid();
+  pid_t pid = fork();
+  if (pid < 0) {
+    log_.event("error", std::string("fork failed: ") + strerror(errno), {{"error", strerror(errno)}});
+    return -1;
+  }
+  if (pid == 0) {
+    // Own process group: a terminal's ^C reaches ebb, which stops the
+    // workers gracefully, not the workers in the middle of a task.
+    setpgid(0, 0);
+    // If ebb dies without stopping us, stop gracefully rather than linger.
+    prctl(PR_SET_PDEATHSIG, o_.stop_signal);
+    if (getppid() != ppid) raise(o_.stop_signal);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, nullptr);
+    execvpe(argv[0], argv.data(), envp.data());
+    dprintf(STDERR_FILENO, "ebb run: cannot run %s: %s\n", argv[0], strerror(errno));
+    _exit(127);
+  }
+  setpgid(pid, pid);  // also here, so the group exists before we signal it
+  Worker w;
+  w.id = id;
+  w.pid = pid;
+  w.started = now_s();
+  w.limits = draw();
+  workers_[pid] = w;
+  return pid;
+}
+
+void Fleet::start_slot(Slot& s, const char* why) {
+  s.restart_at = -1;
+  pid_t pid = spawn(s.id);
+  if (pid < 0) {
+    s.restart_at = now_s() + 1;
+    return;
+  }
+  s.pid = pid;
+  const Worker& w = workers_[pid];
+  nlohmann::json f = {{"worker", s.id}, {"pid", pid}, {"reason", why}};
+  std::string text =
+      (o_.children ? "master [pid " + std::to_string(pid) + "]" : fmt_worker(s.id, pid)) + " started (" + why + ")";
+  if (!o_.children && (w.limits.soft || w.limits.hard || w.limits.max_age_s > 0)) {
+    text += ": limits";
+    if (w.limits.soft) text += " soft " + mib(w.limits.soft), f["soft_limit"] = w.limits.soft;
+    if (w.limits.hard) text += " hard " + mib(w.limits.hard), f["hard_limit"] = w.limits.hard;
+    if (w.limits.max_age_s > 0) {
+      char buf[32];
+      snprintf(buf, sizeof buf, " max age %.0fs", w.limits.max_age_s);
+      text += buf;
+      f["max_age_s"] = w.limits.max_age_s;
+    }
+  }
+  log_.event("start", text, f);
+}
+
+void Fleet::stop(Worker& w, const std::string& reason) {
+  if (w.stopping) return;
+  w.stopping = true;
+  w.stop_sent = now_s();
+  w.stop_reason = reason;
+  kill(w.pid, o_.stop_signal);
+}
+
+void Fleet::recycle(Worker& w, const std::string& reason) {
+  std::string text =
+      fmt_worker(w.id, w.pid) + " recycle (" + reason + "): " + metric_name(o_.metric) + " " + mib(w.mem);
+  nlohmann::json f = {{"worker", w.id},   {"pid", w.pid},
+                      {"reason", reason}, {"metric", metric_name(o_.metric)},
+                      {"mem", w.mem},     {"age_s", now_s() - w.started}};
+  if (reason == "hard limit") text += " > " + mib(w.limits.hard);
+  if (reason == "fleet budget") text += ", fleet " + mib(total_) + " > " + mib(o_.policy.total_limit);
+  if (reason == "max age") text += ", age " + seconds(now_s() - w.started);
+  text += "; " + signame(o_.stop_signal) + ", grace " + seconds(o_.grace_s);
+  if (!o_.children) {
+    // Start the replacement first if the budget has room for one more worker
+    // of the size of the smallest running one (a fresh worker starts small).
+    auto slot = std::find_if(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.pid == w.pid; });
+    if (slot != slots_.end()) {
+      uint64_t smallest = UINT64_MAX;
+      for (auto& [pid, x] : workers_)
+        if (!x.stopping && x.pid != w.pid) smallest = std::min(smallest, x.mem);
+      if (smallest == UINT64_MAX) smallest = 0;
+      bool room = o_.policy.total_limit == 0 || total_ + smallest <= o_.policy.total_limit;
+      f["replacement_first"] = room;
+      if (room) {
+        text += "; replacement started first";
+        log_.event("recycle", text, f);
+        stop(w, reason);
+        start_slot(*slot, "replaces a recycled worker");
+        return;
+      }
+      text += "; replacement after it exits (no room in the budget)";
+    }
+  }
+  log_.event("recycle", text, f);
+  stop(w, reason);
+}
+
+void Fleet::trim(Worker& w, const std::string& reason) {
+  w.last_trim = now_s();
+  telemetry::Ack ack = telemetry::send(w.pid, telemetry::kCmdTrim, 0, 1000);
+  nlohmann::json f = {
+      {"worker", w.id}, {"pid", w.pid}, {"reason", reason}, {"metric", metric_name(o_.metric)}, {"mem", w.mem}};
+  if (ack.status != telemetry::Status::kOk) {
+    f["error"] = ack.message;
+    log_.event("trim", fmt_worker(w.id, w.pid) + " trim (" + reason + ") failed: " + ack.message, f);
+    return;
+  }
+  f["rss_before"] = ack.rss_before;
+  f["rss_after"] = ack.rss_after;
+  f["released"] = ack.released;
+  log_.event("trim",
+             fmt_worker(w.id, w.pid) + " trim (" + reason + "): " + metric_name(o_.metric) + " " + mib(w.mem) +
+                 ", rss " + mib(ack.rss_before) + " -> " + mib(ack.rss_after) + ", released " + mib(ack.released),
+             f);
+}
+
+void Fleet::discover_children(const std::multimap<pid_t, pid_t>& children) {
+  // Children mode: the workers are the master's children; the master (slot
+  // 1) starts and replaces them, ebb only watches and stops them.
+  pid_t master = slots_.empty() ? 0 : slots_[0].pid;
+  auto range = master > 0 ? children.equal_range(master) : std::make_pair(children.end(), children.end());
+  for (auto it = range.first; it != range.second; ++it) {
+    pid_t pid = it->second;
+    if (workers_.count(pid)) continue;
+    Worker w;
+    w.id = next_child_id_++;
+    w.pid = pid;
+    w.started = now_s();
+    w.limits = draw();
+    workers_[pid] = w;
+    log_.event("adopt", fmt_worker(w.id, pid) + " found (a child of the master)", {{"worker", w.id}, {"pid", pid}});
+  }
+  // Children that left without being reaped by us (the master reaped them).
+  for (auto it = workers_.begin(); it != workers_.end();) {
+    bool slot_pid = std::any_of(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.pid == it->first; });
+    if (!slot_pid && kill(it->first, 0) != 0 && errno == ESRCH) {
+      log_.event("exit", fmt_worker(it->second.id, it->first) + " exited",
+                 {{"worker", it->second.id}, {"pid", it->first}});
+      it = workers_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void Fleet::sample(const std::multimap<pid_t, pid_t>& children) {
+  total_ = 0;
+  pid_t master = o_.children && !slots_.empty() ? slots_[0].pid : 0;
+  for (auto& [pid, w] : workers_) {
+    uint64_t mem = 0;
+    if (pid == master) {
+      mem = process_memory(pid, o_.metric);  // the master alone; its children are workers
+    } else {
+      for (pid_t p : subtree(pid, children)) mem += process_memory(p, o_.metric);
+    }
+    w.mem = mem;
+    total_ += mem;
+    bool had_page = w.can_trim;
+    w.can_trim = telemetry::read_pid(pid).status == telemetry::Status::kOk;
+    if (w.can_trim && !had_page && w.limits.soft != 0 && !w.soft_limit_sent) {
+      // Above this, libebb purges at once instead of after its delay.
+      w.soft_limit_sent = true;
+      telemetry::send(pid, telemetry::kCmdSetSoftLimit, w.limits.soft, 1000);
+    }
+  }
+}
+
+void Fleet::watch_cgroup() {
+  if (!cgroup_) return;
+  if (auto e = proc::read_events(*cgroup_)) {
+    if (e->oom_kill > events_.oom_kill)
+      log_.event("oom",
+                 "the kernel OOM-killed " + std::to_string(e->oom_kill - events_.oom_kill) +
+                     " process(es) in the cgroup " + cgroup_->dir,
+                 {{"oom_kill", e->oom_kill}, {"cgroup", cgroup_->dir}});
+    events_ = *e;
+  }
+  if (auto p = proc::read_pressure_avg10(*cgroup_)) {
+    bool high = *p >= 10.0;
+    if (high && !pressure_high_) {
+      log_.event("pressure", "memory pressure in the cgroup: some avg10 " + std::to_string(*p) + "%; trimming all",
+                 {{"avg10", *p}});
+      last_fleet_trim_ = now_s();
+      for (auto& [pid, w] : workers_)
+        if (w.can_trim && !w.stopping) trim(w, "memory pressure");
+    }
+    pressure_high_ = high;
+  }
+}
+
+void Fleet::tick() {
+  auto children = children_map();
+  if (o_.children) discover_children(children);
+  sample(children);
+  watch_cgroup();
+  if (shutting_down_) return;
+
+  FleetView view;
+  view.total = total_;
+  view.since_fleet_trim_s = now_s() - last_fleet_trim_;
+  pid_t master = o_.children && !slots_.empty() ? slots_[0].pid : 0;
+  double now = now_s();
+  for (auto& [pid, w] : workers_) {
+    if (pid == master) continue;
+    WorkerView v;
+    v.id = static_cast<int>(pid);  // decisions name workers by pid
+    v.mem = w.mem;
+    v.age_s = now - w.started;
+    v.since_trim_s = now - w.last_trim;
+    v.can_trim = w.can_trim;
+    v.stopping = w.stopping;
+    v.limits = w.limits;
+    view.workers.push_back(v);
+  }
+  for (const Decision& d : decide(o_.policy, view)) {
+    auto it = workers_.find(static_cast<pid_t>(d.id));
+    if (it == workers_.end()) continue;
+    if (d.action == Action::kTrim) {
+      if (d.reason == "fleet budget") last_fleet_trim_ = now;
+      trim(it->second, d.reason);
+    } else {
+      recycle(it->second, d.reason);
+    }
+  }
+}
+
+void Fleet::on_exit(pid_t pid, int status) {
+  auto it = workers_.find(pid);
+  if (it == workers_.end()) return;  // an orphan we reaped as subreaper
+  Worker w = it->second;
+  workers_.erase(it);
+  double now = now_s();
+  double uptime = now - w.started;
+  std::string how = WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
+                                      : "killed by " + signame(WTERMSIG(status));
+  nlohmann::json f = {{"worker", w.id}, {"pid", pid}, {"uptime_s", uptime}};
+  if (WIFEXITED(status))
+    f["status"] = WEXITSTATUS(status);
+  else
+    f["signal"] = WTERMSIG(status);
+  auto slot = std::find_if(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.pid == pid; });
+  if (w.stopping) {
+    f["reason"] = w.stop_reason;
+    if (w.killed) f["killed"] = true;
+    log_.event("exit",
+               fmt_worker(w.id, pid) + " " + how + " after " + seconds(uptime) + " (stopped: " + w.stop_reason + ")",
+               f);
+    if (slot != slots_.end()) {
+      slot->pid = 0;
+      if (!shutting_down_ && !slot->retired) start_slot(*slot, "replaces a recycled worker");
+    }
+    return;
+  }
+  if (slot == slots_.end()) {
+    log_.event("exit", fmt_worker(w.id, pid) + " " + how + " after " + seconds(uptime), f);
+    return;
+  }
+  slot->pid = 0;
+  if (shutting_down_) {
+    log_.event("exit", fmt_worker(w.id, pid) + " " + how + " after " + seconds(uptime), f);
+    return;
+  }
+  // An exit ebb did not ask for. Quick ones in a row are a crash loop: back
+  // off exponentially so a broken worker does not spin the machine.
+  slot->quick_exits = uptime < o_.min_uptime_s ? slot->quick_exits + 1 : 0;
+  double delay = slot->quick_exits < 2 ? 0 : std::min(60.0, std::ldexp(1.0, static_cast<int>(slot->quick_exits) - 2));
+  slot->restart_at = now + delay;
+  f["restart_in_s"] = delay;
+  f["quick_exits"] = slot->quick_exits;
+  std::string text = fmt_worker(w.id, pid) + " " + how + " after " + seconds(uptime) + " (unexpected); ";
+  if (delay > 0)
+    text += "crash loop: " + std::to_string(slot->quick_exits) + " exits within " + seconds(o_.min_uptime_s) +
+            " of start in a row, restarting in " + seconds(delay);
+  else
+    text += "restarting";
+  log_.event("exit", text, f);
+}
+
+void Fleet::reap() {
+  for (;;) {
+    int status = 0;
+    pid_t pid = waitpid(-1, &status, WNOHANG);
+    if (pid <= 0) return;
+    on_exit(pid, status);
+  }
+}
+
+void Fleet::begin_shutdown(const char* why) {
+  if (shutting_down_) {
+    // The same signal often arrives twice at once (sent to the process and
+    // to its group, as timeout(1) does): only a later one means "now".
+    if (now_s() - shutdown_at_ < 1.0) return;
+    // A second TERM/INT: do not wait for the grace period.
+    log_.event("shutdown", std::string(why) + " again: killing every worker now");
+    for (auto& [pid, w] : workers_) {
+      w.killed = true;
+      kill(-pid, SIGKILL);
+      kill(pid, SIGKILL);
+    }
+    unhealthy_ = true;
+    return;
+  }
+  shutting_down_ = true;
+  shutdown_at_ = now_s();
+  log_.event(
+      "shutdown",
+      std::string(why) + ": stopping " + std::to_string(workers_.size()) + " worker(s), grace " + seconds(o_.grace_s),
+      {{"workers", workers_.size()}, {"grace_s", o_.grace_s}});
+  pid_t master = o_.children && !slots_.empty() ? slots_[0].pid : 0;
+  for (auto& [pid, w] : workers_) {
+    if (o_.children && pid != master) continue;  // the master stops its own children
+    stop(w, "shutdown");
+  }
+  if (o_.children && master <= 0) {
+    for (auto& [pid, w] : workers_) stop(w, "shutdown");
+  }
+}
+
+void Fleet::enforce_grace() {
+  double now = now_s();
+  for (auto& [pid, w] : workers_) {
+    if (!w.stopping || w.killed || now - w.stop_sent < o_.grace_s) continue;
+    w.killed = true;
+    if (shutting_down_) unhealthy_ = true;
+    log_.event("kill",
+               fmt_worker(w.id, pid) + " still running " + seconds(o_.grace_s) + " after " + signame(o_.stop_signal) +
+                   ": SIGKILL",
+               {{"worker", w.id}, {"pid", pid}, {"reason", w.stop_reason}});
+    kill(-pid, SIGKILL);  // its process group: helpers it started go too
+    kill(pid, SIGKILL);
+  }
+}
+
+void Fleet::on_signal(int sig) {
+  switch (sig) {
+    case SIGCHLD:
+      reap();
+      break;
+    case SIGTERM:
+    case SIGINT:
+      begin_shutdown(sig == SIGTERM ? "SIGTERM" : "SIGINT");
+      break;
+    case SIGHUP: {
+      if (shutting_down_ || o_.children) {
+        if (o_.children && !slots_.empty() && slots_[0].pid > 0) kill(slots_[0].pid, SIGHUP);  // the master reloads
+        break;
+      }
+      log_.event("reload", "SIGHUP: rolling restart, " + std::to_string(o_.policy.max_recycling) + " at a time");
+      for (auto& [pid, w] : workers_) pending_reload_.push_back(pid);
+      break;
+    }
+    case SIGTTIN: {
+      if (shutting_down_ || o_.children) break;
+      Slot s;
+      s.id = static_cast<int>(slots_.size()) + 1;
+      slots_.push_back(s);
+      log_.event("scale", "SIGTTIN: " + std::to_string(live_slots()) + " worker(s)");
+      start_slot(slots_.back(), "SIGTTIN");
+      break;
+    }
+    case SIGTTOU: {
+      if (shutting_down_ || o_.children || live_slots() <= 1) break;
+      for (auto it = slots_.rbegin(); it != slots_.rend(); ++it) {
+        if (it->retired) continue;
+        it->retired = true;
+        it->restart_at = -1;
+        log_.event("scale", "SIGTTOU: " + std::to_string(live_slots()) + " worker(s)");
+        if (it->pid > 0) {
+          auto w = workers_.find(it->pid);
+          if (w != workers_.end()) stop(w->second, "SIGTTOU");
+        }
+        break;
+      }
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+unsigned Fleet::live_slots() const {
+  return static_cast<unsigned>(std::count_if(slots_.begin(), slots_.end(), [](const Slot& s) { return !s.retired; }));
+}
+
+unsigned Fleet::stopping_count() const {
+  return static_cast<unsigned>(
+      std::count_if(workers_.begin(), workers_.end(), [](const auto& kv) { return kv.second.stopping; }));
+}
+
+// SIGHUP's rolling restart: recycle the listed workers, never more than
+// max_recycling stopping at once.
+void Fleet::continue_reload() {
+  while (!pending_reload_.empty() && stopping_count() < std::max(1u, o_.policy.max_recycling)) {
+    pid_t pid = pending_reload_.front();
+    pending_reload_.erase(pending_reload_.begin());
+    auto it = workers_.find(pid);
+    if (it != workers_.end() && !it->second.stopping) recycle(it->second, "reload");
+  }
+}
+
+double Fleet::next_wakeup() const {
+  double t = next_tick_;
+  for (const Slot& s : slots_)
+    if (s.restart_at >= 0) t = std::min(t, s.restart_at);
+  for (const auto& [pid, w] : workers_)
+    if (w.stopping && !w.killed) t = std::min(t, w.stop_sent + o_.grace_s);
+  return t;
+}
+
+int Fleet::run() {
+  sigset_t mask;
+  sigemptyset(&mask);
+  for (int sig : {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGTTIN, SIGTTOU}) sigaddset(&mask, sig);
+  sigprocmask(SIG_BLOCK, &mask, nullptr);
+  int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+  if (sfd < 0) {
+    log_.event("error", std::string("signalfd: ") + strerror(errno));
+    return 1;
+  }
+  // Orphans of our workers (a worker's own children whose parent died) come
+  // to us, so no process of the fleet escapes supervision or stays a zombie.
+  prctl(PR_SET_CHILD_SUBREAPER, 1);
+  if (!o_.cgroup_dir.empty()) {
+    cgroup_ = proc::Cgroup{};
+    cgroup_->dir = o_.cgroup_dir;
+    if (auto e = proc::read_events(*cgroup_)) events_ = *e;
+  }
+
+  unsigned n = o_.children ? 1 : o_.workers;
+  for (unsigned i = 0; i < n; i++) {
+    Slot s;
+    s.id = static_cast<int>(i) + 1;
+    slots_.push_back(s);
+  }
+  {
+    std::string text =
+        o_.children ? "starting the master (workers are its children)" : "starting " + std::to_string(n) + " worker(s)";
+    text += std::string("; metric ") + metric_name(o_.metric);
+    if (o_.policy.soft_limit) text += ", soft limit " + mib(o_.policy.soft_limit);
+    if (o_.policy.hard_limit) text += ", hard limit " + mib(o_.policy.hard_limit);
+    if (o_.policy.total_limit)
+      text += ", fleet budget " + mib(o_.policy.total_limit) + (o_.total_from_cgroup ? " (from the cgroup)" : "");
+    if (o_.policy.max_age_s > 0) text += ", max age " + seconds(o_.policy.max_age_s);
+    log_.event("config", text,
+               {{"workers", n},
+                {"children", o_.children},
+                {"metric", metric_name(o_.metric)},
+                {"soft_limit", o_.policy.soft_limit},
+                {"hard_limit", o_.policy.hard_limit},
+                {"total_limit", o_.policy.total_limit},
+                {"max_age_s", o_.policy.max_age_s},
+                {"jitter", o_.policy.jitter}});
+  }
+  for (Slot& s : slots_) start_slot(s, "initial");
+  next_tick_ = now_s() + o_.interval_s;
+
+  while (!(shutting_down_ && workers_.empty())) {
+    double wait = next_wakeup() - now_s();
+    int timeout_ms = wait <= 0 ? 0 : static_cast<int>(std::ceil(wait * 1000));
+    pollfd pfd{sfd, POLLIN, 0};
+    int r = poll(&pfd, 1, timeout_ms);
+    if (r < 0 && errno != EINTR) break;
+    if (r > 0) {
+      signalfd_siginfo si;
+      while (read(sfd, &si, sizeof si) == static_cast<ssize_t>(sizeof si)) on_signal(static_cast<int>(si.ssi_signo));
+    }
+    reap();  // signals coalesce: look for every exit, not one per SIGCHLD
+    double now = now_s();
+    if (!shutting_down_)
+      for (Slot& s : slots_)
+        if (!s.retired && s.pid == 0 && s.restart_at >= 0 && s.restart_at <= now) start_slot(s, "restart");
+    enforce_grace();
+    if (now >= next_tick_) {
+      tick();
+      if (!shutting_down_) continue_reload();
+      next_tick_ = now + o_.interval_s;
+    }
+  }
+  bool looping = std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.quick_exits >= 2; });
+  int code = unhealthy_ || looping ? 1 : 0;
+  log_.event("stopped",
+             std::string("every worker has stopped") + (code == 0    ? ""
+                                                        : unhealthy_ ? "; some had to be killed"
+                                                                     : "; the fleet was crash-looping"),
+             {{"exit_code", code}});
+  close(sfd);
+  return code;
+}
+
+}  // namespace
+
+int run(const Options& o) {
+  Fleet f(o);
+  return f.run();
+}
+
+}  // namespace ebb::supervisor

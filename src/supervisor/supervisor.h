@@ -1,0 +1,46 @@
+// `ebb run`: start a fleet of workers and keep it under its memory budget.
+//
+// One thread, one loop: a signalfd delivers SIGCHLD and the control signals,
+// and every --interval the loop samples each worker's memory, asks the policy
+// (policy.h) what to do, and does it: trim through the worker's telemetry
+// page, or recycle it (stop signal, grace, KILL) with a replacement started
+// first when the budget allows. Every decision is one log line.
+#pragma once
+
+#include <signal.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "policy.h"
+
+namespace ebb::supervisor {
+
+enum class Metric { kRss, kPss, kUss };
+enum class LogFormat { kHuman, kJson };
+
+const char* metric_name(Metric m);
+
+struct Options {
+  std::vector<std::string> command;  // argv of each worker (or of the master with `children`)
+  std::vector<std::string> env;      // the workers' whole environment, NAME=value
+  unsigned workers = 1;
+  bool children = false;  // one COMMAND that forks its own workers: police its children
+  Policy policy;
+  bool total_from_cgroup = false;  // policy.total_limit came from the cgroup (for the log)
+  Metric metric = Metric::kPss;
+  int stop_signal = SIGTERM;
+  double grace_s = 30;
+  double interval_s = 1;
+  double min_uptime_s = 5;  // a worker that exits sooner counts toward a crash loop
+  LogFormat log_format = LogFormat::kHuman;
+  std::string cgroup_dir;  // watched for OOM kills and pressure; empty: none
+};
+
+// Runs until TERM or INT has stopped every worker. Returns the exit status:
+// 0 when every worker stopped within its grace, 1 when one had to be killed
+// or the fleet was crash-looping at the end.
+int run(const Options& o);
+
+}  // namespace ebb::supervisor

@@ -1,0 +1,303 @@
+"""`ebb run` policy tests with small Python workers that leak at a set rate.
+
+Each test starts `ebb run --log-format json`, reads its decisions (one JSON
+object per stderr line) as they happen, and stops it with SIGTERM. Workers
+are tests/integration/workers/leaker.py. Times are kept short with
+--interval; every wait is bounded.
+"""
+import json
+import os
+import re
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+LEAKER = str(Path(__file__).resolve().parent / "workers" / "leaker.py")
+APPS = str(Path(__file__).resolve().parent / "apps")
+PY = "/usr/bin/python3"
+
+
+class Fleet:
+    """A running `ebb run`; its JSON log lines gathered in self.events."""
+
+    def __init__(self, ebb_bin, ebb_lib, options, worker_args, env=None, cwd=None, command=None):
+        e = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("PYTHON")}
+        e["EBB_LIB"] = ebb_lib
+        e.update(env or {})
+        command = command or [PY, LEAKER, *worker_args]
+        self.argv = [ebb_bin, "run", "--log-format", "json", *options, "--", *command]
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=e, cwd=cwd)
+        self.events = []
+        self.stdout = []
+        self.raw = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._read_err, daemon=True),
+                         threading.Thread(target=self._read_out, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read_err(self):
+        for line in self.proc.stderr:
+            with self._lock:
+                self.raw.append(line)
+                try:
+                    self.events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a worker's own stderr
+
+    def _read_out(self):
+        for line in self.proc.stdout:
+            with self._lock:
+                self.stdout.append(line.strip())
+
+    def of(self, event, **fields):
+        with self._lock:
+            return [e for e in self.events
+                    if e["event"] == event and all(e.get(k) == v for k, v in fields.items())]
+
+    def wait_for(self, event, count=1, timeout=20, **fields):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.of(event, **fields)
+            if len(found) >= count:
+                return found
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {count} '{event}' {fields} events in {timeout}s; log:\n" + "".join(self.raw))
+
+    def stop(self, timeout=30):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        for t in self._threads:
+            t.join(timeout=5)
+        return code
+
+
+@pytest.fixture
+def fleet(ebb_bin, ebb_lib):
+    started = []
+
+    def start(options, worker_args, env=None, command=None):
+        f = Fleet(ebb_bin, ebb_lib, options, worker_args, env, command=command)
+        started.append(f)
+        return f
+
+    yield start
+    for f in started:
+        if f.proc.poll() is None:
+            f.proc.kill()
+            f.proc.wait()
+
+
+FAST = ["--interval", "0.2s", "--min-uptime", "1s"]
+
+
+def test_hard_limit_recycles_gracefully(fleet):
+    f = fleet(["-w", "2", "--hard-limit", "60M", "--grace", "10s", *FAST], ["--leak", "4", "--task", "0.1"])
+    recycles = f.wait_for("recycle", reason="hard limit")
+    first = recycles[0]
+    assert first["mem"] > 0
+    exits = f.wait_for("exit", pid=first["pid"])
+    # It finished its task and left on SIGTERM, well within the grace.
+    assert exits[0].get("status") == 0 and not exits[0].get("killed")
+    assert f"stop {first['pid']}" in f.stdout
+    # Its slot got a new worker (started first: no budget to respect here).
+    assert first["replacement_first"] is True
+    assert len(f.wait_for("start", worker=first["worker"])) >= 2
+    # Trimming was tried before recycling.
+    trims = f.of("trim", pid=first["pid"], reason="hard limit")
+    assert trims, "a worker over its hard limit is trimmed before it is recycled"
+    assert f.stop() == 0
+    assert not f.of("kill")
+
+
+def test_term_then_kill_after_grace(fleet):
+    f = fleet(["--hard-limit", "50M", "--grace", "1s", *FAST], ["--leak", "4", "--task", "0.1", "--ignore-term"])
+    r = f.wait_for("recycle", reason="hard limit")[0]
+    k = f.wait_for("kill", pid=r["pid"])[0]
+    ex = f.wait_for("exit", pid=r["pid"])[0]
+    assert ex.get("signal") == signal.SIGKILL and ex.get("killed") is True
+    # The kill came after the grace, not before.
+    t = lambda e: time.mktime(time.strptime(e["time"][:19], "%Y-%m-%dT%H:%M:%S")) + float(e["time"][19:-1] or 0)
+    assert t(k) - t(r) >= 0.9
+    f.stop()
+
+
+def test_soft_limit_trims_and_rss_drops(fleet):
+    # A long purge delay keeps the churned garbage resident: only the soft
+    # limit (libebb's eager purging above it, and ebb's trim) brings it down.
+    f = fleet(["--soft-limit", "60M", "--metric", "rss", "--trim-cooldown", "1s", *FAST],
+              ["--churn-once", "60", "--task", "0.3"], env={"EBB_PURGE_DELAY_MS": "600000"})
+    t = f.wait_for("trim", reason="soft limit", timeout=30)[0]
+    assert "error" not in t, t
+    assert t["mem"] > 60 << 20
+    assert t["rss_after"] < 60 << 20, t
+    assert f.stop() == 0
+
+
+def test_a_trim_spares_a_recycle(fleet):
+    # Over the hard limit only because of free memory: the trim gives it back
+    # and the worker is not recycled.
+    f = fleet(["--hard-limit", "60M", "--metric", "rss", "--trim-cooldown", "1s", *FAST],
+              ["--churn-once", "60", "--task", "0.3"], env={"EBB_PURGE_DELAY_MS": "600000"})
+    t = f.wait_for("trim", reason="hard limit", timeout=30)[0]
+    assert "error" not in t, t
+    assert t["released"] > 20 << 20, t
+    assert t["rss_after"] < t["rss_before"] - (20 << 20), t
+    time.sleep(2)
+    assert not f.of("recycle"), f.raw
+    assert f.stop() == 0
+
+
+def test_jitter_spreads_limits(fleet):
+    f = fleet(["-w", "6", "--hard-limit", "1G", "--jitter", "20", *FAST], ["--task", "0.5"])
+    starts = f.wait_for("start", count=6)
+    limits = [s["hard_limit"] for s in starts]
+    assert all(0.8 * (1 << 30) <= x <= 1 << 30 for x in limits), limits
+    assert len(set(limits)) == 6, limits
+    assert f.stop() == 0
+
+
+def test_never_more_than_k_stopping(fleet):
+    # Every worker is over its limit at once and slow to stop.
+    f = fleet(["-w", "4", "--hard-limit", "40M", "--grace", "1.5s", "--max-recycling", "2", *FAST],
+              ["--leak", "6", "--task", "0.1", "--ignore-term"])
+    f.wait_for("kill", count=4, timeout=40)
+    f.stop()
+    stopping = set()
+    peak = 0
+    for e in f.events:
+        if e["event"] == "recycle":
+            stopping.add(e["pid"])
+        elif e["event"] == "exit":
+            stopping.discard(e["pid"])
+        peak = max(peak, len(stopping))
+    assert peak == 2
+
+
+def test_crash_loop_backs_off(fleet):
+    f = fleet(FAST, ["--exit-after", "0.01", "--exit-code", "3"])
+    exits = f.wait_for("exit", count=4, timeout=20)
+    delays = [e["restart_in_s"] for e in exits]
+    assert delays[0] == 0 and delays[1] > 0 and delays[3] > delays[2] > 0, delays
+    assert all(e["status"] == 3 for e in exits)
+    assert f.stop() == 1  # the fleet was not healthy
+
+
+def test_fleet_budget_recycles_the_largest(fleet):
+    # Worker k leaks k MB per task: worker 3 is the largest.
+    f = fleet(["-w", "3", "--total-limit", "150M", "--trim-cooldown", "2s", *FAST],
+              ["--leak-per-id", "1.5", "--task", "0.1"])
+    budget = f.wait_for("recycle", reason="fleet budget", timeout=30)[0]
+    assert budget["worker"] == 3, budget
+    assert f.of("trim", reason="fleet budget"), "the fleet is trimmed before a worker is recycled"
+    f.stop()
+
+
+def test_sigterm_stops_every_worker_gracefully(fleet):
+    f = fleet(["-w", "3", *FAST], ["--task", "0.2"])
+    starts = f.wait_for("start", count=3)
+    time.sleep(0.5)
+    assert f.stop() == 0
+    for s in starts:
+        assert f"stop {s['pid']}" in f.stdout
+    assert f.wait_for("stopped")[0]["exit_code"] == 0
+
+
+def test_hup_restarts_every_worker_and_ttin_ttou_scale(fleet):
+    f = fleet(["-w", "2", *FAST], ["--task", "0.1"])
+    first = {s["pid"] for s in f.wait_for("start", count=2)}
+    f.proc.send_signal(signal.SIGHUP)
+    recycled = f.wait_for("recycle", count=2, reason="reload")
+    assert {r["pid"] for r in recycled} == first
+    f.proc.send_signal(signal.SIGTTIN)
+    f.wait_for("start", worker=3)
+    f.proc.send_signal(signal.SIGTTOU)
+    f.wait_for("exit", worker=3)
+    assert f.stop() == 0
+
+
+def test_cgroup_budget_is_the_default(fleet, tmp_path):
+    (tmp_path / "memory.max").write_text("1073741824\n")
+    (tmp_path / "memory.high").write_text("max\n")
+    (tmp_path / "memory.current").write_text("1000\n")
+    f = fleet(FAST, ["--task", "0.2"], env={"EBB_CGROUP_DIR": str(tmp_path)})
+    cfg = f.wait_for("config")[0]
+    assert cfg["total_limit"] == 1073741824 // 10 * 9
+    assert "(from the cgroup)" in cfg["message"]
+    f.stop()
+
+
+def test_gunicorn_children_recycled_without_failed_requests(fleet):
+    """gunicorn forks its own workers; ebb polices them and gunicorn replaces them."""
+    f = fleet(["--children", "--hard-limit", "45M", "--metric", "rss", "--grace", "20s", *FAST], [],
+              command=[PY, "-m", "gunicorn", "--workers", "2", "--bind", "127.0.0.1:0", "--chdir", APPS,
+                       "--graceful-timeout", "20", "leaky_app:app"])
+    deadline = time.monotonic() + 30
+    port = None
+    while port is None and time.monotonic() < deadline:
+        m = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", "".join(f.raw))
+        port = m and int(m.group(1))
+        time.sleep(0.1)
+    assert port, "".join(f.raw)
+    f.wait_for("adopt", count=2)
+
+    def get(i):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+                return r.status
+        except Exception as e:  # noqa: BLE001 - any failure counts
+            return repr(e)
+
+    # Requests keep coming while workers are recycled (bounded: at most 4,000).
+    results = []
+    with ThreadPoolExecutor(4) as pool:
+        while len(results) < 4000:
+            results += pool.map(get, range(40))
+            done = [r for r in f.of("recycle", reason="hard limit") if f.of("exit", pid=r["pid"])]
+            if len(done) >= 3 and len(f.of("adopt")) >= 5:
+                break
+            time.sleep(0.05)
+    failed = [r for r in results if r != 200]
+    assert not failed, failed[:5]
+    recycled = f.of("recycle", reason="hard limit")
+    assert len(recycled) >= 3, "".join(f.raw)
+    for r in recycled:
+        assert r["mem"] > 40 << 20
+    # gunicorn replaced the recycled workers, and ebb found the new ones.
+    assert len(f.of("adopt")) >= 5
+    assert not f.of("kill"), "recycled workers finish their requests within the grace"
+    assert f.stop() == 0
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--bogus", "--", PY, "-c", "pass"], 2, "--bogus"),
+    (["--hard-limit", "lots", "--", PY, "-c", "pass"], 2, "bad size"),
+    (["--grace", "soon", "--", PY, "-c", "pass"], 2, "bad duration"),
+    (["--stop-signal", "SIGNOPE", "--", PY, "-c", "pass"], 2, "unknown signal"),
+    (["--soft-limit", "2G", "--hard-limit", "1G", "--", PY, "-c", "pass"], 2, "below --hard-limit"),
+    ([], 2, "missing command"),
+    (["--", "/no/such/worker"], 127, "command not found"),
+    (["--", "no-such-worker-command"], 127, "command not found"),
+])
+def test_bad_input_is_one_line_and_starts_nothing(ebb_bin, tmp_path, args, code, message):
+    marker = tmp_path / "started"
+    r = subprocess.run([ebb_bin, "run", *args], capture_output=True, text=True, timeout=30)
+    assert r.returncode == code, r.stderr
+    assert message in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2, r.stderr  # CLI11 adds "Run with --help" on usage errors
+    assert not marker.exists()
