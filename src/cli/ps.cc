@@ -1,10 +1,15 @@
 // ebb ps: one row per process with RSS, PSS, USS, shared and swap, from
 // /proc/PID/smaps_rollup. Like smem, in one static binary's worth of C++.
 #include <fmt/core.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "commands.h"
 #include "format.h"
@@ -18,7 +23,79 @@ struct PsOptions {
   Selection sel;
   bool json = false;
   std::string sort = "pss";
+  std::string fleet;  // status socket of an `ebb run`
 };
+
+// The status JSON of an `ebb run` (its --status-socket); nullopt with *err.
+std::optional<nlohmann::json> read_fleet(const std::string& path, std::string* err) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof addr.sun_path) {
+    *err = "path too long";
+    return std::nullopt;
+  }
+  memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0 || connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    *err = strerror(errno);
+    if (fd >= 0) close(fd);
+    return std::nullopt;
+  }
+  timeval tv{5, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::string text;
+  char buf[4096];
+  for (ssize_t n; (n = read(fd, buf, sizeof buf)) > 0;) text.append(buf, static_cast<size_t>(n));
+  close(fd);
+  auto j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.contains("workers")) {
+    *err = "not an ebb run status socket";
+    return std::nullopt;
+  }
+  return j;
+}
+
+std::string age(double s) {
+  if (s < 120) return fmt::format("{:.0f}s", s);
+  if (s < 7200) return fmt::format("{:.0f}m", s / 60);
+  return fmt::format("{:.1f}h", s / 3600);
+}
+
+int run_fleet(const PsOptions& o) {
+  std::string err;
+  auto j = read_fleet(o.fleet, &err);
+  if (!j) {
+    error("ps", fmt::format("--fleet {}: {}", o.fleet, err));
+    return 1;
+  }
+  if (o.json) {
+    fmt::print("{}\n", j->dump(2));
+    return 0;
+  }
+  const std::string metric = (*j)["metric"].get<std::string>();
+  std::string upper = metric;
+  for (auto& c : upper) c = static_cast<char>(toupper(static_cast<unsigned char>(c)));
+  Table t({"WORKER", "PID", "STATE", upper, "SOFT", "HARD", "AGE", "TRIMS"},
+          {true, true, false, true, true, true, true, true});
+  auto limit = [](uint64_t v) { return v == 0 ? std::string("-") : human_bytes(v); };
+  for (const auto& w : (*j)["workers"]) {
+    t.add({w["state"] == "master" ? "master" : std::to_string(w["id"].get<int>()), std::to_string(w["pid"].get<int>()),
+           w["state"].get<std::string>(), human_bytes(w["mem"].get<uint64_t>()), limit(w["soft_limit"].get<uint64_t>()),
+           limit(w["hard_limit"].get<uint64_t>()), age(w["age_s"].get<double>()),
+           w["can_trim"].get<bool>() ? std::to_string(w["trims"].get<uint64_t>()) : "-"});
+  }
+  t.add_rule();
+  uint64_t budget = (*j)["total_limit"].get<uint64_t>();
+  t.add({"fleet", std::to_string((*j)["pid"].get<int>()), (*j)["shutting_down"].get<bool>() ? "stopping" : "running",
+         human_bytes((*j)["total"].get<uint64_t>()), "", budget ? "/ " + human_bytes(budget) : "",
+         age((*j)["uptime_s"].get<double>()), std::to_string((*j)["trims"].get<uint64_t>())});
+  fmt::print("{}", t.render());
+  uint64_t recycled = 0;
+  for (const auto& [reason, n] : (*j)["recycles"].items()) recycled += n.get<uint64_t>();
+  fmt::print("recycled {}, restarted {}, killed {}, trims released {}\n", recycled, (*j)["restarts"].get<uint64_t>(),
+             (*j)["kills"].get<uint64_t>(), human_bytes((*j)["released_bytes"].get<uint64_t>()));
+  return 0;
+}
 
 nlohmann::json to_json(const Row& r) {
   const proc::Process& p = r.p;
@@ -50,6 +127,7 @@ nlohmann::json to_json(const Row& r) {
 }
 
 int run_ps(const PsOptions& o) {
+  if (!o.fleet.empty()) return run_fleet(o);
   std::vector<Row> rows = collect(o.sel);
   int rc = 0;
   for (const Row& r : rows)
@@ -123,6 +201,7 @@ void register_ps(CLI::App& app, int& rc) {
   sub->add_flag("--json", o->json, "JSON output, sizes in exact bytes");
   sub->add_option("--sort", o->sort, "Sort by this column, largest first (default: pss)")
       ->check(CLI::IsMember({"pid", "rss", "pss", "uss", "shared", "swap", "heap", "command"}));
+  sub->add_option("--fleet", o->fleet, "Show the workers of an `ebb run` through its --status-socket");
   sub->callback([o, &rc] { rc = run_ps(*o); });
 }
 

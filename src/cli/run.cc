@@ -33,6 +33,8 @@ struct RunArgs {
   std::string min_uptime = "5s";
   std::string trim_cooldown = "10s";
   std::string log_format = "human";
+  std::string status_socket;
+  std::string metrics;
   std::vector<std::string> command;
 };
 
@@ -119,6 +121,8 @@ int run_run(const RunArgs& a) {
   o.grace_s = seconds_of(a.grace);
   o.interval_s = seconds_of(a.interval);
   o.min_uptime_s = seconds_of(a.min_uptime);
+  o.status_socket = a.status_socket;
+  o.metrics = a.metrics;
   o.log_format = a.log_format == "json" ? supervisor::LogFormat::kJson : supervisor::LogFormat::kHuman;
   if (o.interval_s < 0.05) {
     error("run", "--interval must be at least 50ms");
@@ -188,6 +192,10 @@ void register_run(CLI::App& app, int& rc) {
       ->check(duration_check());
   sub->add_option("--log-format", a->log_format, "human or json (default: human)")
       ->check(CLI::IsMember({"human", "json"}));
+  sub->add_option("--status-socket", a->status_socket,
+                  "Unix socket (mode 0600) answering the fleet's status as JSON; read by ebb ps --fleet");
+  sub->add_option("--metrics", a->metrics,
+                  "Serve Prometheus metrics on HOST:PORT (a bare PORT listens on 127.0.0.1 only)");
   sub->add_option("command", a->command, "The worker command, after --")->expected(-1);
   sub->callback([a, &rc]() { rc = run_run(*a); });
 }

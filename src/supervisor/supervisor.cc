@@ -20,6 +20,7 @@
 #include "cgroup.h"
 #include "proc.h"
 #include "reader.h"
+#include "status.h"
 
 namespace ebb::supervisor {
 
@@ -94,6 +95,7 @@ struct Worker {
   bool can_trim = false;
   bool soft_limit_sent = false;
   double last_trim = kNever;
+  uint64_t trims = 0;
   bool stopping = false;
   double stop_sent = 0;
   bool killed = false;
@@ -206,7 +208,62 @@ class Fleet {
   proc::MemoryEvents events_{};
   bool pressure_high_ = false;
   std::vector<pid_t> pending_reload_;  // SIGHUP: workers still to recycle
+  FleetStatus counters_;               // the totals part of the status
+  double started_at_ = 0;
+
+  FleetStatus snapshot() const;
+  bool open_endpoints(int* status_fd, int* metrics_fd);
 };
+
+FleetStatus Fleet::snapshot() const {
+  FleetStatus s = counters_;
+  s.pid = getpid();
+  s.metric = metric_name(o_.metric);
+  s.uptime_s = now_s() - started_at_;
+  s.shutting_down = shutting_down_;
+  s.total = total_;
+  s.total_limit = o_.policy.total_limit;
+  pid_t master = o_.children && !slots_.empty() ? slots_[0].pid : 0;
+  for (const auto& [pid, w] : workers_) {
+    WorkerStatus ws;
+    ws.id = w.id;
+    ws.pid = pid;
+    ws.state = pid == master ? "master" : w.stopping ? "stopping" : "running";
+    ws.mem = w.mem;
+    ws.age_s = now_s() - w.started;
+    if (pid != master) {
+      ws.soft_limit = w.limits.soft;
+      ws.hard_limit = w.limits.hard;
+      ws.max_age_s = w.limits.max_age_s;
+    }
+    ws.can_trim = w.can_trim;
+    ws.trims = w.trims;
+    s.workers.push_back(ws);
+  }
+  return s;
+}
+
+bool Fleet::open_endpoints(int* status_fd, int* metrics_fd) {
+  std::string err;
+  if (!o_.status_socket.empty()) {
+    *status_fd = listen_unix(o_.status_socket, &err);
+    if (*status_fd < 0) {
+      log_.event("error", "--status-socket " + err, {{"error", err}});
+      return false;
+    }
+  }
+  if (!o_.metrics.empty()) {
+    std::string bound;
+    *metrics_fd = listen_tcp(o_.metrics, &bound, &err);
+    if (*metrics_fd < 0) {
+      log_.event("error", "--metrics " + err, {{"error", err}});
+      return false;
+    }
+    log_.event("metrics", "Prometheus metrics at http://" + bound + "/metrics", {{"address", bound}});
+  }
+  if (*status_fd >= 0) log_.event("status", "status socket at " + o_.status_socket, {{"path", o_.status_socket}});
+  return true;
+}
 
 Limits Fleet::draw() {
   std::uniform_real_distribution<double> u(0.0, 1.0);
@@ -288,6 +345,7 @@ void Fleet::stop(Worker& w, const std::string& reason) {
 }
 
 void Fleet::recycle(Worker& w, const std::string& reason) {
+  counters_.recycles[reason]++;
   std::string text =
       fmt_worker(w.id, w.pid) + " recycle (" + reason + "): " + metric_name(o_.metric) + " " + mib(w.mem);
   nlohmann::json f = {{"worker", w.id},   {"pid", w.pid},
@@ -335,6 +393,9 @@ void Fleet::trim(Worker& w, const std::string& reason) {
   f["rss_before"] = ack.rss_before;
   f["rss_after"] = ack.rss_after;
   f["released"] = ack.released;
+  w.trims++;
+  counters_.trims++;
+  counters_.released_bytes += ack.released;
   log_.event("trim",
              fmt_worker(w.id, w.pid) + " trim (" + reason + "): " + metric_name(o_.metric) + " " + mib(w.mem) +
                  ", rss " + mib(ack.rss_before) + " -> " + mib(ack.rss_after) + ", released " + mib(ack.released),
@@ -395,6 +456,7 @@ void Fleet::sample(const std::multimap<pid_t, pid_t>& children) {
 void Fleet::watch_cgroup() {
   if (!cgroup_) return;
   if (auto e = proc::read_events(*cgroup_)) {
+    if (e->oom_kill > events_.oom_kill) counters_.oom_kills += e->oom_kill - events_.oom_kill;
     if (e->oom_kill > events_.oom_kill)
       log_.event("oom",
                  "the kernel OOM-killed " + std::to_string(e->oom_kill - events_.oom_kill) +
@@ -492,6 +554,7 @@ void Fleet::on_exit(pid_t pid, int status) {
   slot->quick_exits = uptime < o_.min_uptime_s ? slot->quick_exits + 1 : 0;
   double delay = slot->quick_exits < 2 ? 0 : std::min(60.0, std::ldexp(1.0, static_cast<int>(slot->quick_exits) - 2));
   slot->restart_at = now + delay;
+  counters_.restarts++;
   f["restart_in_s"] = delay;
   f["quick_exits"] = slot->quick_exits;
   std::string text = fmt_worker(w.id, pid) + " " + how + " after " + seconds(uptime) + " (unexpected); ";
@@ -548,6 +611,7 @@ void Fleet::enforce_grace() {
   for (auto& [pid, w] : workers_) {
     if (!w.stopping || w.killed || now - w.stop_sent < o_.grace_s) continue;
     w.killed = true;
+    counters_.kills++;
     if (shutting_down_) unhealthy_ = true;
     log_.event("kill",
                fmt_worker(w.id, pid) + " still running " + seconds(o_.grace_s) + " after " + signame(o_.stop_signal) +
@@ -653,6 +717,13 @@ int Fleet::run() {
     if (auto e = proc::read_events(*cgroup_)) events_ = *e;
   }
 
+  int status_fd = -1, metrics_fd = -1;
+  if (!open_endpoints(&status_fd, &metrics_fd)) {
+    if (status_fd >= 0) close(status_fd);
+    close(sfd);
+    return 2;
+  }
+  started_at_ = now_s();
   unsigned n = o_.children ? 1 : o_.workers;
   for (unsigned i = 0; i < n; i++) {
     Slot s;
@@ -684,13 +755,15 @@ int Fleet::run() {
   while (!(shutting_down_ && workers_.empty())) {
     double wait = next_wakeup() - now_s();
     int timeout_ms = wait <= 0 ? 0 : static_cast<int>(std::ceil(wait * 1000));
-    pollfd pfd{sfd, POLLIN, 0};
-    int r = poll(&pfd, 1, timeout_ms);
+    pollfd pfd[3] = {{sfd, POLLIN, 0}, {status_fd, POLLIN, 0}, {metrics_fd, POLLIN, 0}};
+    int r = poll(pfd, 3, timeout_ms);  // fds of -1 are ignored
     if (r < 0 && errno != EINTR) break;
-    if (r > 0) {
+    if (r > 0 && (pfd[0].revents & POLLIN)) {
       signalfd_siginfo si;
       while (read(sfd, &si, sizeof si) == static_cast<ssize_t>(sizeof si)) on_signal(static_cast<int>(si.ssi_signo));
     }
+    if (r > 0 && (pfd[1].revents & POLLIN)) answer_status(status_fd, snapshot());
+    if (r > 0 && (pfd[2].revents & POLLIN)) answer_metrics(metrics_fd, snapshot());
     reap();  // signals coalesce: look for every exit, not one per SIGCHLD
     double now = now_s();
     if (!shutting_down_)
@@ -711,6 +784,11 @@ int Fleet::run() {
                                                                      : "; the fleet was crash-looping"),
              {{"exit_code", code}});
   close(sfd);
+  if (status_fd >= 0) {
+    close(status_fd);
+    unlink(o_.status_socket.c_str());
+  }
+  if (metrics_fd >= 0) close(metrics_fd);
   return code;
 }
 

@@ -35,12 +35,15 @@ struct Options {
   double interval_s = 1;
   double min_uptime_s = 5;  // a worker that exits sooner counts toward a crash loop
   LogFormat log_format = LogFormat::kHuman;
-  std::string cgroup_dir;  // watched for OOM kills and pressure; empty: none
+  std::string cgroup_dir;     // watched for OOM kills and pressure; empty: none
+  std::string status_socket;  // unix socket answering the fleet's status as JSON; empty: none
+  std::string metrics;        // HOST:PORT of the Prometheus endpoint; empty: none
 };
 
 // Runs until TERM or INT has stopped every worker. Returns the exit status:
 // 0 when every worker stopped within its grace, 1 when one had to be killed
-// or the fleet was crash-looping at the end.
+// or the fleet was crash-looping at the end, 2 when the status socket or the
+// metrics endpoint cannot be set up (then nothing is started).
 int run(const Options& o);
 
 }  // namespace ebb::supervisor

@@ -284,6 +284,55 @@ def test_gunicorn_children_recycled_without_failed_requests(fleet):
     assert f.stop() == 0
 
 
+def test_status_socket_metrics_and_ps_fleet(fleet, ebb_bin, tmp_path):
+    sock = tmp_path / "fleet.sock"
+    f = fleet(["-w", "2", "--hard-limit", "45M", "--grace", "5s", "--status-socket", str(sock),
+               "--metrics", "127.0.0.1:0", *FAST], ["--leak", "2", "--task", "0.1"])
+    address = f.wait_for("metrics")[0]["address"]
+    f.wait_for("exit", reason="hard limit", timeout=30)
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"
+    # ebb ps --fleet: the JSON agrees with what the log said, the table shows it.
+    status = json.loads(subprocess.run([ebb_bin, "ps", "--fleet", str(sock), "--json"], capture_output=True,
+                                       text=True, check=True, timeout=10).stdout)
+    assert status["pid"] == f.proc.pid and status["metric"] == "pss"
+    assert status["recycles"]["hard limit"] >= 1
+    live = {w["pid"] for w in status["workers"]}
+    assert len(live) >= 2 and any(w["mem"] > 0 for w in status["workers"])  # a new one may not be sampled yet
+    table = subprocess.run([ebb_bin, "ps", "--fleet", str(sock)], capture_output=True, text=True, check=True,
+                           timeout=10).stdout
+    assert "WORKER" in table and "PSS" in table and "fleet" in table
+    # Prometheus text format: every sample line is "name{labels} value".
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        m = re.fullmatch(r'([a-z_]+)(\{[^}]*\})? (\S+)', line)
+        assert m, line
+        samples[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    assert samples['ebb_workers{state="running"}'] >= 2
+    assert samples['ebb_recycles_total{reason="hard limit"}'] >= 1
+    assert samples['ebb_fleet_memory_bytes{metric="pss"}'] > 0
+    assert f.stop() == 0
+    assert not sock.exists(), "the socket is removed at exit"
+    r = subprocess.run([ebb_bin, "ps", "--fleet", str(sock)], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1 and "--fleet" in r.stderr
+
+
+def test_endpoints_that_cannot_be_set_up_start_nothing(ebb_bin, tmp_path):
+    not_a_socket = tmp_path / "file"
+    not_a_socket.write_text("keep me")
+    marker = tmp_path / "started"
+    for extra in (["--status-socket", str(not_a_socket)], ["--metrics", "256.0.0.1:9"]):
+        r = subprocess.run([ebb_bin, "run", *extra, "--", PY, "-c", f"open({str(marker)!r}, 'w')"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2, r.stderr
+        assert not marker.exists()
+    assert not_a_socket.read_text() == "keep me"
+
+
 @pytest.mark.parametrize("args,code,message", [
     (["--bogus", "--", PY, "-c", "pass"], 2, "--bogus"),
     (["--hard-limit", "lots", "--", PY, "-c", "pass"], 2, "bad size"),
