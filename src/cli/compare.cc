@@ -59,11 +59,7 @@ uint64_t tree_memory(pid_t root, bool pss) {
       total += proc::read_process(pid).mem.pss;
       continue;
     }
-    auto statm = proc::read_file("/proc/" + std::to_string(pid) + "/statm");
-    if (!statm) continue;
-    unsigned long long size = 0, resident = 0;
-    if (sscanf(statm->c_str(), "%llu %llu", &size, &resident) == 2)
-      total += resident * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+    total += proc::rss_of(pid);
   }
   return total;
 }

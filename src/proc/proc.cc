@@ -174,19 +174,32 @@ std::string allocator_of(pid_t pid, const std::string& proc_root) {
   return "glibc";
 }
 
-std::vector<pid_t> tree(pid_t root, const std::string& proc_root) {
-  std::multimap<pid_t, pid_t> children;
+ChildMap children_by_parent(const std::string& proc_root) {
+  ChildMap children;
   for (pid_t pid : list_pids(proc_root)) {
     auto stat = read_file(proc_root + "/" + std::to_string(pid) + "/stat");
     Process p;
     if (stat && parse_stat(*stat, p)) children.emplace(p.ppid, pid);
   }
+  return children;
+}
+
+std::vector<pid_t> tree(pid_t root, const ChildMap& children) {
   std::vector<pid_t> out{root};
   for (size_t i = 0; i < out.size(); i++) {
     auto range = children.equal_range(out[i]);
     for (auto it = range.first; it != range.second; ++it) out.push_back(it->second);
   }
   return out;
+}
+
+std::vector<pid_t> tree(pid_t root, const std::string& proc_root) { return tree(root, children_by_parent(proc_root)); }
+
+uint64_t rss_of(pid_t pid, const std::string& proc_root) {
+  auto statm = read_file(proc_root + "/" + std::to_string(pid) + "/statm");
+  unsigned long long size = 0, resident = 0;
+  if (!statm || sscanf(statm->c_str(), "%llu %llu", &size, &resident) != 2) return 0;
+  return resident * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
 }
 
 }  // namespace ebb::proc

@@ -6,6 +6,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -53,6 +54,16 @@ Process read_process(pid_t pid, const std::string& proc_root = "/proc");
 
 // pid and all its descendants (by parent PID), pid first.
 std::vector<pid_t> tree(pid_t pid, const std::string& proc_root = "/proc");
+
+// Every process's children, keyed by parent PID: one pass over /proc, to
+// build several trees from (a supervisor's tick).
+using ChildMap = std::multimap<pid_t, pid_t>;
+ChildMap children_by_parent(const std::string& proc_root = "/proc");
+std::vector<pid_t> tree(pid_t pid, const ChildMap& children);
+
+// Resident set size from /proc/PID/statm (cheap: no page-table walk); 0 if
+// the process is gone.
+uint64_t rss_of(pid_t pid, const std::string& proc_root = "/proc");
 
 // Which malloc a process uses, from the libraries in /proc/PID/maps: "ebb",
 // "jemalloc", "mimalloc", "tcmalloc", or "glibc"; "" when maps is unreadable.

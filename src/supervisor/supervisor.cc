@@ -110,30 +110,6 @@ struct Slot {
   bool retired = false;      // removed by TTOU: do not restart
 };
 
-// The parent of every process, read once per tick.
-std::multimap<pid_t, pid_t> children_map() {
-  std::multimap<pid_t, pid_t> children;
-  for (pid_t pid : proc::list_pids()) {
-    auto stat = proc::read_file("/proc/" + std::to_string(pid) + "/stat");
-    if (!stat) continue;
-    size_t close = stat->rfind(')');
-    if (close == std::string::npos) continue;
-    char state;
-    int ppid;
-    if (sscanf(stat->c_str() + close + 1, " %c %d", &state, &ppid) == 2) children.emplace(ppid, pid);
-  }
-  return children;
-}
-
-std::vector<pid_t> subtree(pid_t root, const std::multimap<pid_t, pid_t>& children) {
-  std::vector<pid_t> out{root};
-  for (size_t i = 0; i < out.size(); i++) {
-    auto range = children.equal_range(out[i]);
-    for (auto it = range.first; it != range.second; ++it) out.push_back(it->second);
-  }
-  return out;
-}
-
 std::string fmt_worker(int id, pid_t pid) {
   return "worker " + std::to_string(id) + " [pid " + std::to_string(pid) + "]";
 }
@@ -150,12 +126,7 @@ std::string seconds(double s) {
 }
 
 uint64_t process_memory(pid_t pid, Metric m) {
-  if (m == Metric::kRss) {
-    auto statm = proc::read_file("/proc/" + std::to_string(pid) + "/statm");
-    unsigned long long size = 0, resident = 0;
-    if (!statm || sscanf(statm->c_str(), "%llu %llu", &size, &resident) != 2) return 0;
-    return resident * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
-  }
+  if (m == Metric::kRss) return proc::rss_of(pid);
   proc::Process p = proc::read_process(pid);
   return m == Metric::kPss ? p.mem.pss : p.mem.uss;
 }
@@ -176,8 +147,8 @@ class Fleet {
 
   // ---- policy
   void tick();
-  void sample(const std::multimap<pid_t, pid_t>& children);
-  void discover_children(const std::multimap<pid_t, pid_t>& children);
+  void sample(const proc::ChildMap& children);
+  void discover_children(const proc::ChildMap& children);
   void trim(Worker& w, const std::string& reason);
   void recycle(Worker& w, const std::string& reason);
   void watch_cgroup();
@@ -402,7 +373,7 @@ void Fleet::trim(Worker& w, const std::string& reason) {
              f);
 }
 
-void Fleet::discover_children(const std::multimap<pid_t, pid_t>& children) {
+void Fleet::discover_children(const proc::ChildMap& children) {
   // Children mode: the workers are the master's children; the master (slot
   // 1) starts and replaces them, ebb only watches and stops them.
   pid_t master = slots_.empty() ? 0 : slots_[0].pid;
@@ -431,7 +402,7 @@ void Fleet::discover_children(const std::multimap<pid_t, pid_t>& children) {
   }
 }
 
-void Fleet::sample(const std::multimap<pid_t, pid_t>& children) {
+void Fleet::sample(const proc::ChildMap& children) {
   total_ = 0;
   pid_t master = o_.children && !slots_.empty() ? slots_[0].pid : 0;
   for (auto& [pid, w] : workers_) {
@@ -439,7 +410,7 @@ void Fleet::sample(const std::multimap<pid_t, pid_t>& children) {
     if (pid == master) {
       mem = process_memory(pid, o_.metric);  // the master alone; its children are workers
     } else {
-      for (pid_t p : subtree(pid, children)) mem += process_memory(p, o_.metric);
+      for (pid_t p : proc::tree(pid, children)) mem += process_memory(p, o_.metric);
     }
     w.mem = mem;
     total_ += mem;
@@ -478,7 +449,7 @@ void Fleet::watch_cgroup() {
 }
 
 void Fleet::tick() {
-  auto children = children_map();
+  auto children = proc::children_by_parent();
   if (o_.children) discover_children(children);
   sample(children);
   watch_cgroup();
