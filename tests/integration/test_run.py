@@ -21,6 +21,7 @@ import pytest
 
 LEAKER = str(Path(__file__).resolve().parent / "workers" / "leaker.py")
 APPS = str(Path(__file__).resolve().parent / "apps")
+PYTHON_DIR = str(Path(__file__).resolve().parents[2] / "python")  # the ebb package
 PY = "/usr/bin/python3"
 
 
@@ -296,6 +297,80 @@ def test_gunicorn_children_recycled_without_failed_requests(fleet):
     assert len(f.of("adopt")) >= 5
     assert not f.of("kill"), "recycled workers finish their requests within the grace"
     assert f.stop() == 0
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    """A private redis-server on a free loopback port, stopped after the test."""
+    import socket
+    if not os.path.exists("/usr/bin/redis-server"):
+        pytest.skip("redis-server not installed (scripts/install-deps installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    import redis
+    r = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            r.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_rq_jobs_run_exactly_once_across_recycles(fleet, redis_url):
+    """rq workers with large job arguments, recycled at their hard limit.
+
+    ebb.rq.SimpleWorker (python/ebb) stops between jobs; plain RQ 1.13 drops
+    a job now and then when SIGTERM lands between taking it from Redis and
+    starting it (see python/ebb/rq.py).
+    """
+    import redis
+    from rq import Queue
+    r = redis.Redis.from_url(redis_url)
+    q = Queue("default", connection=r)
+    jobs = 400
+    payload = "x" * 400_000  # ~0.4 MB kept per job (seed 002's large arguments)
+    for i in range(jobs):
+        q.enqueue("rq_jobs.work", i, payload)
+    f = fleet(["-w", "2", "--hard-limit", "60M", "--metric", "rss", "--grace", "30s", *FAST], [],
+              env={"EBB_TEST_REDIS": redis_url, "PYTHONPATH": PYTHON_DIR},
+              command=[PY, "/usr/bin/rq", "worker", "--url", redis_url, "--path", APPS,
+                       "--worker-class", "ebb.rq.SimpleWorker", "--quiet", "default"])
+    deadline = time.monotonic() + 120
+    while r.llen("done") < jobs and time.monotonic() < deadline and f.proc.poll() is None:
+        time.sleep(0.2)
+    done = [int(x) for x in r.lrange("done", 0, -1)]
+    code = f.stop(timeout=60)
+    recycles = f.of("recycle", reason="hard limit")
+    assert len(recycles) >= 3, "".join(f.raw[-30:])
+    assert sorted(done) == list(range(jobs)), (len(done), len(set(done)))  # every job, once
+    assert not q.failed_job_registry.get_job_ids(), "no job failed"
+    for rec in recycles:
+        ex = f.of("exit", pid=rec["pid"])
+        assert ex and ex[0].get("status") == 0 and not ex[0].get("killed"), ex  # warm shutdown, no KILL
+    assert code == 0
+
+
+def test_ebb_rq_worker_stops_promptly_when_idle(fleet, redis_url):
+    """An idle ebb.rq worker (blocked waiting for jobs) leaves within about a second of SIGTERM."""
+    f = fleet(["--grace", "10s", *FAST], [], env={"PYTHONPATH": PYTHON_DIR},
+              command=[PY, "/usr/bin/rq", "worker", "--url", redis_url, "--worker-class", "ebb.rq.Worker",
+                       "--quiet", "default"])
+    f.wait_for("start")
+    time.sleep(1.5)
+    t0 = time.monotonic()
+    assert f.stop() == 0
+    assert time.monotonic() - t0 < 5
+    assert not f.of("kill")
 
 
 def test_status_socket_metrics_and_ps_fleet(fleet, ebb_bin, tmp_path):

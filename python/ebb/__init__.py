@@ -1,0 +1,9 @@
+"""ebb's Python side: glue for worker frameworks running under `ebb run`.
+
+- ebb.rq: RQ workers that stop between jobs when ebb recycles them, so no
+  job is lost (`rq worker --worker-class ebb.rq.SimpleWorker`).
+
+Importing ebb imports nothing else: each submodule is used on its own.
+"""
+
+__all__ = ["rq"]
