@@ -33,7 +33,7 @@ PEER_PACKAGES = {
 
 # Variables that must not leak from the caller's environment into a run.
 CONTROLLED = ("LD_PRELOAD", "PYTHONMALLOC", "MALLOC_CONF", "EBB_BENCH_TRIM",
-              "EBB_PURGE_DELAY_MS", "EBB_BACKGROUND", "EBB_TCACHE_BYTES", "EBB_LARGE_CACHE_MB")
+              "EBB_PURGE_DELAY_MS", "EBB_EMPTY_DELAY_MS", "EBB_BACKGROUND", "EBB_TCACHE_BYTES", "EBB_LARGE_CACHE_MB")
 
 NAMES = ["ebb", "glibc", "glibc+trim", "jemalloc", "jemalloc-decay0",
          "mimalloc", "tcmalloc", "pymalloc"]

@@ -53,6 +53,7 @@ uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head) {
 void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
   Bin& b = g_bins[cls];
   const auto now = static_cast<uint32_t>(os::now_ms());
+  bool emptied = false;
   {
     LockGuard guard(b.lock);
     while (head != nullptr) {
@@ -70,23 +71,30 @@ void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
       s->used--;
       s->touched = now;
       s->dirty = true;
-      if (s->used == 0) span_reset(s);
+      if (s->used == 0) {
+        span_reset(s);
+        emptied = true;
+      }
       if (!s->in_list) list_push(b, s);
     }
     b.out -= n;
   }
-  purge_notify();
+  purge_notify(emptied);
 }
 
-size_t bins_purge(uint64_t now, bool force, bool* pending) {
+size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending) {
   size_t bytes = 0;
-  const uint32_t delay = g_options.purge_delay_ms;
   for (unsigned cls = 1; cls <= kNumClasses; cls++) {
     Bin& b = g_bins[cls];
     LockGuard guard(b.lock);
     for (Span* s = b.head; s != nullptr;) {
       Span* next = s->next;
       if (s->dirty) {
+        // A span with nothing live left is what a finished burst leaves
+        // behind: it goes back after the short delay, partly used spans
+        // (the working set) after the long one.
+        const bool empty = s->used == 0;
+        const uint32_t delay = empty ? g_options.empty_delay_ms : g_options.purge_delay_ms;
         if (force || static_cast<uint32_t>(now) - s->touched >= delay) {
           bytes += span_purge(s);
           if (s->used == 0) {
@@ -96,6 +104,7 @@ size_t bins_purge(uint64_t now, bool force, bool* pending) {
           }
         } else {
           *pending = true;
+          if (empty) *empty_pending = true;
         }
       }
       s = next;

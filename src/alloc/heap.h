@@ -125,6 +125,7 @@ extern uint64_t g_free_key;  // random; marks free objects
 // ---- init and options (init.cc, options.cc) ---------------------------------
 struct Options {
   uint32_t purge_delay_ms = 250;  // EBB_PURGE_DELAY_MS: free pages idle this long go back
+  uint32_t empty_delay_ms = 30;   // EBB_EMPTY_DELAY_MS: the same for spans with no live object
   bool background = true;         // EBB_BACKGROUND=0: no purger thread (purge on activity only)
   uint32_t tcache_bytes = 16384;  // EBB_TCACHE_BYTES: per class and thread (0: no thread cache)
   uint32_t large_cache_mb = 32;   // EBB_LARGE_CACHE_MB: freed large blocks kept for reuse
@@ -193,7 +194,9 @@ EBB_INLINE Span* span_of(SegmentHeader* h, const void* p) {
 // ---- bins (bin.cc) ----------------------------------------------------------
 uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head);
 void bin_flush(unsigned cls, FreeObj* head, uint32_t n);
-size_t bins_purge(uint64_t now, bool force, bool* pending);
+// *pending: a dirty span waits for its delay; *empty_pending: one with no
+// live object does (the purger then looks again sooner).
+size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending);
 
 // ---- large objects (large.cc) -----------------------------------------------
 void* large_alloc(size_t size, size_t align, bool zero);
@@ -228,10 +231,11 @@ extern ThreadCache* g_tcaches;
 // ---- purging (purge.cc) -----------------------------------------------------
 // Objects came back: make sure the purger will look within the delay (and
 // start it if this process has none yet). Cheap enough for every flush.
-void purge_notify();
+// `emptied`: a span lost its last live object (it decays faster).
+void purge_notify(bool emptied = false);
 // One pass over everything that can hold free memory; `force` ignores the
 // delay. Sets *pending when something stays for a later pass. Returns bytes.
-size_t purge_all(bool force, bool* pending);
+size_t purge_all(bool force, bool* pending, bool* empty_pending = nullptr);
 void purger_after_fork_child();
 
 // Threads that have a thread cache and have not exited. When the last one

@@ -41,6 +41,8 @@ void print_options() {
   char num[24];
   os::write_err("ebb: purge_delay_ms=");
   os::write_err(os::fmt_dec(num, g_options.purge_delay_ms));
+  os::write_err(" empty_delay_ms=");
+  os::write_err(os::fmt_dec(num, g_options.empty_delay_ms));
   os::write_err(" background=");
   os::write_err(g_options.background ? "1" : "0");
   os::write_err(" tcache_bytes=");
@@ -55,6 +57,7 @@ void print_options() {
 void options_load() {
   uint32_t v;
   if (env_u32("EBB_PURGE_DELAY_MS", &v)) g_options.purge_delay_ms = v;
+  if (env_u32("EBB_EMPTY_DELAY_MS", &v)) g_options.empty_delay_ms = v;
   if (env_u32("EBB_BACKGROUND", &v)) g_options.background = v != 0;
   if (env_u32("EBB_TCACHE_BYTES", &v)) g_options.tcache_bytes = v > 1048576 ? 1048576 : v;
   if (env_u32("EBB_LARGE_CACHE_MB", &v)) g_options.large_cache_mb = v;

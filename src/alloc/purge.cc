@@ -25,6 +25,7 @@ namespace {
 
 std::atomic<int> g_wake{0};          // futex word: bumped to wake the purger (telemetry off)
 std::atomic<bool> g_pending{false};  // something may be waiting for its delay
+std::atomic<bool> g_empty{false};    // ... and it includes a span with nothing live (short delay)
 // 0 not started, 1 starting, 2 running, 3 failed or disabled.
 std::atomic<int> g_state{0};
 std::atomic<long> g_threads{0};  // see threads_started()
@@ -62,7 +63,10 @@ void* purger_main(void*) {
       return nullptr;
     }
     const bool pending = g_pending.load(std::memory_order_acquire);
-    const uint32_t tick = g_options.purge_delay_ms / 2 < 5 ? 5 : g_options.purge_delay_ms / 2;
+    // Look again after half the delay that applies to what waits.
+    const uint32_t delay =
+        g_empty.load(std::memory_order_acquire) ? g_options.empty_delay_ms : g_options.purge_delay_ms;
+    const uint32_t tick = delay / 2 < 5 ? 5 : delay / 2;
     if (std::atomic<uint32_t>* word = telemetry_wake_word()) {
       uint32_t seen = word->load(std::memory_order_acquire);
       telemetry_serve();  // a command may have come before we looked
@@ -78,10 +82,12 @@ void* purger_main(void*) {
     }
     if (g_pending.load(std::memory_order_acquire)) {
       g_pending.store(false, std::memory_order_release);
-      bool more = false;
+      g_empty.store(false, std::memory_order_release);
+      bool more = false, more_empty = false;
       // Above the soft limit set through the telemetry page: no delay.
-      purge_all(telemetry_over_soft_limit(), &more);
+      purge_all(telemetry_over_soft_limit(), &more, &more_empty);
       telemetry_count_pass();
+      if (more_empty) g_empty.store(true, std::memory_order_release);
       if (more) g_pending.store(true, std::memory_order_release);
     }
     telemetry_publish(false);
@@ -144,7 +150,8 @@ void threads_exited() {
 
 void threads_after_fork_child(bool caller_has_cache) { g_threads.store(caller_has_cache ? 1 : 0); }
 
-void purge_notify() {
+void purge_notify(bool emptied) {
+  if (emptied && !g_empty.load(std::memory_order_relaxed)) g_empty.store(true, std::memory_order_release);
   if (!g_pending.load(std::memory_order_relaxed)) {
     g_pending.store(true, std::memory_order_release);
     wake_purger();
@@ -154,9 +161,10 @@ void purge_notify() {
   if (EBB_UNLIKELY(g_state.load(std::memory_order_relaxed) == 0) && g_constructed) purger_start();
 }
 
-size_t purge_all(bool force, bool* pending) {
+size_t purge_all(bool force, bool* pending, bool* empty_pending) {
   uint64_t now = os::now_ms();
-  size_t bytes = bins_purge(now, force, pending);
+  bool ignored = false;
+  size_t bytes = bins_purge(now, force, pending, empty_pending != nullptr ? empty_pending : &ignored);
   bytes += segments_release(now, force);
   bytes += large_release(now, force, pending);
   return bytes;
