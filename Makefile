@@ -33,14 +33,9 @@ test: unit integration cpython
 
 # ebb's main job until the supervisor exists: the seed scenarios under ebb
 # and its peers with ebb compare, each with a plot of memory over time.
-DEMO_ALLOCATORS ?= ebb,system,jemalloc,mimalloc,pymalloc
 demo: build
 	@mkdir -p $(BUILD)/demo
-	$(BUILD)/bin/ebb compare --allocators $(DEMO_ALLOCATORS) --log $(BUILD)/demo/frag.log \
-	  --plot $(BUILD)/demo/frag.html -- $(PY) bench/scenarios/frag.py --idle 1,3
-	$(BUILD)/bin/ebb compare --allocators $(DEMO_ALLOCATORS) --log $(BUILD)/demo/lists.log \
-	  --plot $(BUILD)/demo/lists.html -- $(PY) bench/scenarios/lists.py --idle 1,3
-	@echo "Open $(BUILD)/demo/frag.html and $(BUILD)/demo/lists.html to see the curves."
+	$(PY) examples/fleet_demo.py --ebb $(BUILD)/bin/ebb --out $(BUILD)/demo
 
 bench: bench-memory bench-speed bench-micro
 
