@@ -59,8 +59,8 @@ def mb(kb):
     return f"{kb / 1024:.1f}M"
 
 
-def svg_chart(samples, path):
-    """Both fleets' PSS over time, as a small self-contained SVG."""
+def svg_chart(samples, path, title="Fleet PSS (MB) over time: plain vs ebb run", names=("plain", "ebb run")):
+    """Two series over time (samples: (t, a kB, b kB)), as a small self-contained SVG."""
     w, h, left, bottom, top, right = 720, 360, 60, 40, 30, 20
     t_max = max(s[0] for s in samples) or 1
     y_max = max(max(s[1], s[2]) for s in samples) / 1024 or 1
@@ -70,14 +70,14 @@ def svg_chart(samples, path):
     sy = lambda mb_: h - bottom - (h - bottom - top) * mb_ / y_top  # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
            f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{left}" y="18" font-size="14">Fleet PSS (MB) over time: plain vs ebb run</text>']
+           f'<text x="{left}" y="18" font-size="14">{title}</text>']
     for i in range(int(y_top // step) + 1):
         y = sy(i * step)
         out.append(f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
                    f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{i * step}</text>')
     for t in range(0, int(t_max) + 1, 10):
         out.append(f'<text x="{sx(t):.1f}" y="{h - bottom + 16}" text-anchor="middle">{t} s</text>')
-    for i, (name, color) in enumerate((("plain", "#d62728"), ("ebb run", "#1f77b4"))):
+    for i, (name, color) in enumerate(zip(names, ("#d62728", "#1f77b4"))):
         pts = " ".join(f"{sx(s[0]):.1f},{sy(s[i + 1] / 1024):.1f}" for s in samples)
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{pts}"/>')
         out.append(f'<rect x="{w - right - 110}" y="{top + 4 + 18 * i}" width="14" height="4" fill="{color}"/>'

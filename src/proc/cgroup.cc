@@ -116,7 +116,14 @@ std::optional<Cgroup> self() {
 }
 
 std::optional<MemoryEvents> read_events(const Cgroup& cg) {
-  if (!cg.v2) return std::nullopt;
+  if (!cg.v2) {
+    // v1 counts OOM kills in memory.oom_control (kernels since 4.13).
+    auto text = read_file(cg.dir + "/memory.oom_control");
+    if (!text || text->find("oom_kill ") == std::string::npos) return std::nullopt;
+    MemoryEvents e;
+    e.oom_kill = field(*text, "oom_kill");
+    return e;
+  }
   auto text = read_file(cg.dir + "/memory.events");
   if (!text) return std::nullopt;
   MemoryEvents e;

@@ -18,7 +18,7 @@ struct Cgroup {
   uint64_t current = 0;  // memory.current (v1: memory.usage_in_bytes)
 };
 
-// Counters of memory.events (v2 only).
+// Counters of memory.events (v2); v1 has only oom_kill (memory.oom_control).
 struct MemoryEvents {
   uint64_t high = 0;      // times usage went over memory.high (reclaim, throttling)
   uint64_t max = 0;       // times usage hit memory.max

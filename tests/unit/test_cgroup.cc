@@ -82,11 +82,15 @@ TEST_F(FakeCgroup, BudgetIsMemoryHighElseNinetyPercentOfMax) {
 TEST_F(FakeCgroup, V1LimitInBytes) {
   write("memory.limit_in_bytes", "2147483648\n");
   write("memory.usage_in_bytes", "1000\n");
+  write("memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 4\n");
   setenv("EBB_CGROUP_DIR", dir_.c_str(), 1);
   auto cg = self();
   ASSERT_TRUE(cg);
   EXPECT_FALSE(cg->v2);
   EXPECT_EQ(default_budget(*cg), 2147483648u / 10 * 9);
+  auto e = read_events(*cg);
+  ASSERT_TRUE(e);
+  EXPECT_EQ(e->oom_kill, 4u);
 }
 
 TEST_F(FakeCgroup, EventsAndPressure) {
