@@ -34,12 +34,6 @@ __thread bool t_is_purger = false;
 // Wakes the purger wherever it sleeps.
 void wake_purger();
 
-void sleep_ms(uint32_t ms) {
-  struct timespec ts = {static_cast<time_t>(ms / 1000), static_cast<long>(ms % 1000) * 1000000L};
-  while (nanosleep(&ts, &ts) != 0) {
-  }
-}
-
 // Sleeps on a futex word shared with other processes (the telemetry page);
 // ms == 0: no time limit.
 void wait_shared(std::atomic<uint32_t>* word, uint32_t seen, uint32_t ms) {
@@ -78,7 +72,10 @@ void* purger_main(void*) {
         Lock::wait(&g_wake, seen, nullptr);
         continue;
       }
-      sleep_ms(tick);  // let a burst of frees settle before looking
+      // Let a burst of frees settle before looking. Only a span emptied
+      // while we wait for the long delay cuts this short (purge_notify).
+      struct timespec ts = {static_cast<time_t>(tick / 1000), static_cast<long>(tick % 1000) * 1000000L};
+      Lock::wait(&g_wake, seen, &ts);
     }
     if (g_pending.load(std::memory_order_acquire)) {
       g_pending.store(false, std::memory_order_release);
@@ -151,11 +148,14 @@ void threads_exited() {
 void threads_after_fork_child(bool caller_has_cache) { g_threads.store(caller_has_cache ? 1 : 0); }
 
 void purge_notify(bool emptied) {
-  if (emptied && !g_empty.load(std::memory_order_relaxed)) g_empty.store(true, std::memory_order_release);
+  // The purger may be sleeping out the long delay: the first emptied span
+  // since its last pass wakes it so that it looks again after the short one.
+  bool wake = emptied && !g_empty.load(std::memory_order_relaxed) && !g_empty.exchange(true);
   if (!g_pending.load(std::memory_order_relaxed)) {
     g_pending.store(true, std::memory_order_release);
-    wake_purger();
+    wake = true;
   }
+  if (wake) wake_purger();
   // Start lazily, once the library constructor has run (libc is fully up), and
   // only in programs that free something: short-lived tools never get a thread.
   if (EBB_UNLIKELY(g_state.load(std::memory_order_relaxed) == 0) && g_constructed) purger_start();

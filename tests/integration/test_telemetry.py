@@ -39,9 +39,9 @@ def rss(pid):
 @pytest.fixture
 def worker(tmp_path, preload_env):
     """A libebb worker with telemetry on, whose freed memory stays resident
-    (purge delay of ten minutes) until someone trims it."""
+    (purge delays of ten minutes) until someone trims it."""
     env = dict(preload_env, EBB_TELEMETRY="1", EBB_TELEMETRY_DIR=str(tmp_path / "pages"),
-               EBB_PURGE_DELAY_MS="600000")
+               EBB_PURGE_DELAY_MS="600000", EBB_EMPTY_DELAY_MS="600000")
     procs = []
 
     def start(*args):

@@ -178,6 +178,7 @@ TEST_F(PageFiles, SoftLimitCommandPurgesALiveProcess) {
     setenv("EBB_TELEMETRY", "1", 1);
     setenv("EBB_TELEMETRY_DIR", dir_.c_str(), 1);
     setenv("EBB_PURGE_DELAY_MS", "600000", 1);
+    setenv("EBB_EMPTY_DELAY_MS", "600000", 1);
     execl("/usr/bin/python3", "python3", "-c",
           "import time\n"
           "x = [str(i) * 30 for i in range(600000)]\n"
