@@ -75,7 +75,7 @@ def svg_chart(samples, path, title="Fleet PSS (MB) over time: plain vs ebb run",
         y = sy(i * step)
         out.append(f'<line x1="{left}" x2="{w - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
                    f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{i * step}</text>')
-    for t in range(0, int(t_max) + 1, 10):
+    for t in range(0, int(t_max) + 1, 10 if t_max <= 60 else 30 if t_max <= 300 else 60):
         out.append(f'<text x="{sx(t):.1f}" y="{h - bottom + 16}" text-anchor="middle">{t} s</text>')
     for i, (name, color) in enumerate(zip(names, ("#d62728", "#1f77b4"))):
         pts = " ".join(f"{sx(s[0]):.1f},{sy(s[i + 1] / 1024):.1f}" for s in samples)
