@@ -322,6 +322,24 @@ def redis_url(tmp_path):
     proc.wait(timeout=10)
 
 
+def assert_exactly_once(f, r, count, min_recycles, timeout):
+    """Waits (bounded) for `count` ids 0..count-1 in the Redis list "done",
+    stops the fleet, and checks each ran exactly once across at least
+    min_recycles hard-limit recycles, every one a warm shutdown (exit 0, no KILL)."""
+    deadline = time.monotonic() + timeout
+    while r.llen("done") < count and time.monotonic() < deadline and f.proc.poll() is None:
+        time.sleep(0.2)
+    done = [int(x) for x in r.lrange("done", 0, -1)]
+    code = f.stop(timeout=60)
+    recycles = f.of("recycle", reason="hard limit")
+    assert len(recycles) >= min_recycles, "".join(f.raw[-30:])
+    assert sorted(done) == list(range(count)), (len(done), len(set(done)))  # every one, once
+    for rec in recycles:
+        ex = f.of("exit", pid=rec["pid"])
+        assert ex and ex[0].get("status") == 0 and not ex[0].get("killed"), ex
+    assert code == 0
+
+
 def test_celery_tasks_run_exactly_once_across_recycles(fleet, redis_url):
     """Seed 002: tasks with large kwargs grow the workers past the hard limit."""
     import redis
@@ -343,19 +361,7 @@ def test_celery_tasks_run_exactly_once_across_recycles(fleet, redis_url):
               env={"EBB_TEST_REDIS": redis_url, "PYTHONPATH": PYTHON_DIR},
               command=[PY, "-m", "ebb.celery", "-A", "celery_app", "--workdir", APPS, "worker", "--pool=solo",
                        "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"])
-    r = redis.Redis.from_url(redis_url)
-    deadline = time.monotonic() + 180
-    while r.llen("done") < tasks and time.monotonic() < deadline and f.proc.poll() is None:
-        time.sleep(0.2)
-    done = [int(x) for x in r.lrange("done", 0, -1)]
-    code = f.stop(timeout=60)
-    recycles = f.of("recycle", reason="hard limit")
-    assert len(recycles) >= 4, "".join(f.raw[-30:])
-    assert sorted(done) == list(range(tasks)), (len(done), len(set(done)))  # every task, once
-    for r_ in recycles:
-        ex = f.of("exit", pid=r_["pid"])
-        assert ex and ex[0].get("status") == 0 and not ex[0].get("killed"), ex  # warm shutdown, no KILL
-    assert code == 0
+    assert_exactly_once(f, redis.Redis.from_url(redis_url), tasks, min_recycles=4, timeout=180)
 
 
 def test_rq_jobs_run_exactly_once_across_recycles(fleet, redis_url):
@@ -377,19 +383,8 @@ def test_rq_jobs_run_exactly_once_across_recycles(fleet, redis_url):
               env={"EBB_TEST_REDIS": redis_url, "PYTHONPATH": PYTHON_DIR},
               command=[PY, "/usr/bin/rq", "worker", "--url", redis_url, "--path", APPS,
                        "--worker-class", "ebb.rq.SimpleWorker", "--quiet", "default"])
-    deadline = time.monotonic() + 120
-    while r.llen("done") < jobs and time.monotonic() < deadline and f.proc.poll() is None:
-        time.sleep(0.2)
-    done = [int(x) for x in r.lrange("done", 0, -1)]
-    code = f.stop(timeout=60)
-    recycles = f.of("recycle", reason="hard limit")
-    assert len(recycles) >= 3, "".join(f.raw[-30:])
-    assert sorted(done) == list(range(jobs)), (len(done), len(set(done)))  # every job, once
+    assert_exactly_once(f, r, jobs, min_recycles=3, timeout=120)
     assert not q.failed_job_registry.get_job_ids(), "no job failed"
-    for rec in recycles:
-        ex = f.of("exit", pid=rec["pid"])
-        assert ex and ex[0].get("status") == 0 and not ex[0].get("killed"), ex  # warm shutdown, no KILL
-    assert code == 0
 
 
 def test_ebb_rq_worker_stops_promptly_when_idle(fleet, redis_url):
