@@ -9,7 +9,8 @@ skipped.  Run this file to list the allocators and their status.
 
 `ebb:VAR=VALUE[:VAR=VALUE...]` is ebb with libebb's own settings, e.g.
 `ebb:EBB_PURGE_DELAY_MS=1000` or `ebb:EBB_BACKGROUND=0`, to measure what a
-setting trades.
+setting trades. `ebb@/path/to/libebb.so` is another build of libebb, to
+compare two builds in one run.
 """
 import argparse
 import json
@@ -72,7 +73,11 @@ def spec(name):
                 return None, f"bad ebb setting {item!r} (want EBB_NAME=VALUE)"
             settings[key] = value
         name = "ebb"
-    if name == "ebb":
+    if name.startswith("ebb@"):  # another build of libebb, to compare two in one run
+        lib = Path(name[4:])
+        if not lib.is_file():
+            return None, f"{lib} not found"
+    elif name == "ebb":
         lib = ebb_lib()
         if not lib.is_file():
             return None, f"{lib} not found (build ebb or set EBB_LIB)"
