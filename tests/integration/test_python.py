@@ -1,0 +1,94 @@
+"""The ebb Python package (python/ebb): stats, trim, isolate."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PY = "/usr/bin/python3"
+PYTHON_DIR = str(Path(__file__).resolve().parents[2] / "python")
+sys.path.insert(0, PYTHON_DIR)
+import ebb  # noqa: E402
+
+
+def run(code, env):
+    e = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("PYTHON")}
+    e.update(env, PYTHONPATH=PYTHON_DIR)
+    return subprocess.run([PY, "-c", code], capture_output=True, text=True, env=e, timeout=60)
+
+
+def test_stats_and_trim_under_libebb(ebb_lib):
+    r = run("import ebb\n"
+            "assert ebb.loaded()\n"
+            "x = [str(i) * 20 for i in range(300000)]\n"
+            "s = ebb.stats()\n"
+            "assert s['live_bytes'] > 20 << 20, s\n"
+            "del x\n"
+            "released = ebb.trim()\n"
+            "assert released > 10 << 20, released\n"
+            "print('ok', s['segments'], released)\n",
+            {"LD_PRELOAD": ebb_lib, "PYTHONMALLOC": "malloc", "EBB_PURGE_DELAY_MS": "600000",
+             "EBB_EMPTY_DELAY_MS": "600000"})
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
+
+
+def test_without_libebb_stats_says_so_and_trim_uses_glibc():
+    r = run("import ebb\n"
+            "assert not ebb.loaded()\n"
+            "assert ebb.trim() is None\n"
+            "try:\n"
+            "    ebb.stats()\n"
+            "except ebb.NotLoaded as e:\n"
+            "    print(e)\n", {})
+    assert r.returncode == 0, r.stderr
+    assert "libebb is not loaded" in r.stdout and "LD_PRELOAD" in r.stdout
+
+
+def big_sum(n):
+    data = [str(i) * 10 for i in range(n)]  # ~n * 70 bytes, in the child only
+    return sum(len(s) for s in data), os.getpid()
+
+
+class Boom(Exception):
+    pass
+
+
+def raises():
+    raise Boom("from the child")
+
+
+def test_isolate_returns_the_result_computed_in_a_child():
+    total, pid = ebb.isolate(big_sum, 200000)
+    assert total == sum(len(str(i) * 10) for i in range(200000))
+    assert pid != os.getpid()
+
+
+def test_isolate_raises_the_childs_exception():
+    with pytest.raises(Boom, match="from the child") as info:
+        ebb.isolate(raises)
+    assert any("in the child of ebb.isolate()" in n for n in getattr(info.value, "__notes__", []))
+
+
+def test_isolate_times_out_and_kills_the_child():
+    import time
+    with pytest.raises(TimeoutError):
+        ebb.isolate(time.sleep, 30, timeout=0.5)
+
+
+def test_isolate_reports_a_child_that_dies():
+    with pytest.raises(ChildProcessError):
+        ebb.isolate(os._exit, 3)
+
+
+def test_isolate_keeps_the_parent_small():
+    r = run("import ebb, resource\n"
+            "def work():\n"
+            "    x = [str(i) * 30 for i in range(1000000)]\n"
+            "    return len(x)\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "assert ebb.isolate(work) == 1000000\n"
+            "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "print(before, after)\n"
+            "assert after - before < 10000, (before, after)\n", {})
+    assert r.returncode == 0, r.stdout + r.stderr
