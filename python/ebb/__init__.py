@@ -12,6 +12,8 @@ Submodules, each used on its own:
   job is lost (`rq worker --worker-class ebb.rq.SimpleWorker`).
 - ebb.celery: the same for Celery (`python3 -m ebb.celery -A proj worker`,
   or `ebb.celery.install(app)`).
+- ebb.gunicorn: config hooks that freeze a preloaded app so that workers
+  keep sharing it (`from ebb.gunicorn import post_fork, when_ready`).
 """
 import ctypes
 import os

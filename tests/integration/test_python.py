@@ -92,3 +92,41 @@ def test_isolate_keeps_the_parent_small():
             "print(before, after)\n"
             "assert after - before < 10000, (before, after)\n", {})
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_gunicorn_hooks_freeze_the_preloaded_app_and_reenable_gc_in_workers(tmp_path):
+    """A real gunicorn with ebb.gunicorn's hooks: the workers see a frozen heap and a running collector."""
+    import json
+    import re
+    import time
+    import urllib.request
+    apps = str(Path(__file__).resolve().parent / "apps")
+    e = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("PYTHON")}
+    e["PYTHONPATH"] = PYTHON_DIR
+    log = tmp_path / "gunicorn.log"
+    proc = subprocess.Popen([PY, "-m", "gunicorn", "-c", str(Path(apps) / "gunicorn_ebb_conf.py"), "--workers", "2",
+                             "--bind", "127.0.0.1:0", "--chdir", apps, "gc_app:app"],
+                            env=e, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        port = None
+        while time.monotonic() < deadline:
+            text = log.read_text()
+            m = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", text)
+            if m and text.count("Booting worker") == 2:
+                port = int(m.group(1))
+                break
+            assert proc.poll() is None, text
+            time.sleep(0.1)
+        assert port, log.read_text()
+        seen = {}
+        for _ in range(40):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+                state = json.load(r)
+            seen[state["pid"]] = state
+        for state in seen.values():
+            assert state["enabled"] is True, state  # post_fork turned it back on
+            assert state["frozen"] > 10_000, state  # when_ready froze the preloaded app (0 without it)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
