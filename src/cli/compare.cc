@@ -22,6 +22,7 @@
 #include <thread>
 
 #include "commands.h"
+#include "exec.h"
 #include "format.h"
 #include "launch.h"
 #include "plot.h"
@@ -73,12 +74,8 @@ double now_s() {
 // Runs the command once under `a`, its output appended to log_fd.
 Run run_once(const CompareOptions& o, const Allocator& a, int log_fd) {
   std::vector<std::string> env_store = child_environment(a, {});
-  std::vector<char*> envp, argv;
-  for (auto& s : env_store) envp.push_back(s.data());
-  envp.push_back(nullptr);
   std::vector<std::string> args = o.command;
-  for (auto& s : args) argv.push_back(s.data());
-  argv.push_back(nullptr);
+  std::vector<char*> envp = proc::c_strings(env_store), argv = proc::c_strings(args);
 
   Run r;
   double start = now_s();

@@ -52,6 +52,12 @@ void sample(std::string& out, const std::string& name, const std::string& labels
   out += '\n';
 }
 
+// A metric with one unlabelled sample.
+void single(std::string& out, const char* name, const char* type, const char* help, uint64_t value) {
+  metric(out, name, type, help);
+  sample(out, name, "", static_cast<double>(value));
+}
+
 // Writes all of text, giving up after a short timeout: a stuck client must
 // not stall the supervisor.
 void send_all(int fd, const std::string& text) {
@@ -113,24 +119,18 @@ std::string prometheus_text(const FleetStatus& s) {
         static_cast<double>(w.mem));
   metric(out, "ebb_fleet_memory_bytes", "gauge", "Memory of the whole fleet, by the limits' metric.");
   sample(out, "ebb_fleet_memory_bytes", m, static_cast<double>(s.total));
-  metric(out, "ebb_fleet_budget_bytes", "gauge", "The fleet's memory budget (0: none).");
-  sample(out, "ebb_fleet_budget_bytes", "", static_cast<double>(s.total_limit));
-  metric(out, "ebb_trims_total", "counter", "Trims ebb asked workers for.");
-  sample(out, "ebb_trims_total", "", static_cast<double>(s.trims));
-  metric(out, "ebb_trim_released_bytes_total", "counter", "Bytes workers gave back when trimmed.");
-  sample(out, "ebb_trim_released_bytes_total", "", static_cast<double>(s.released_bytes));
+  single(out, "ebb_fleet_budget_bytes", "gauge", "The fleet's memory budget (0: none).", s.total_limit);
+  single(out, "ebb_trims_total", "counter", "Trims ebb asked workers for.", s.trims);
+  single(out, "ebb_trim_released_bytes_total", "counter", "Bytes workers gave back when trimmed.", s.released_bytes);
   metric(out, "ebb_recycles_total", "counter", "Workers recycled, by reason.");
   for (const char* r : {"soft limit", "hard limit", "fleet budget", "max age", "reload"}) {
     auto it = s.recycles.find(r);
     sample(out, "ebb_recycles_total", "reason=\"" + std::string(r) + "\"",
            it == s.recycles.end() ? 0 : static_cast<double>(it->second));
   }
-  metric(out, "ebb_restarts_total", "counter", "Workers restarted after exiting on their own.");
-  sample(out, "ebb_restarts_total", "", static_cast<double>(s.restarts));
-  metric(out, "ebb_kills_total", "counter", "Workers killed with SIGKILL after their grace.");
-  sample(out, "ebb_kills_total", "", static_cast<double>(s.kills));
-  metric(out, "ebb_cgroup_oom_kills_total", "counter", "OOM kills in ebb's cgroup since ebb started.");
-  sample(out, "ebb_cgroup_oom_kills_total", "", static_cast<double>(s.oom_kills));
+  single(out, "ebb_restarts_total", "counter", "Workers restarted after exiting on their own.", s.restarts);
+  single(out, "ebb_kills_total", "counter", "Workers killed with SIGKILL after their grace.", s.kills);
+  single(out, "ebb_cgroup_oom_kills_total", "counter", "OOM kills in ebb's cgroup since ebb started.", s.oom_kills);
   return out;
 }
 

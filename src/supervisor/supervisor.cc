@@ -18,6 +18,7 @@
 #include <random>
 
 #include "cgroup.h"
+#include "exec.h"
 #include "proc.h"
 #include "reader.h"
 #include "status.h"
@@ -245,12 +246,8 @@ Limits Fleet::draw() {
 pid_t Fleet::spawn(int id) {
   std::vector<std::string> env = o_.env;
   env.push_back("EBB_WORKER_ID=" + std::to_string(id));
-  std::vector<char*> envp, argv;
-  for (auto& s : env) envp.push_back(s.data());
-  envp.push_back(nullptr);
   std::vector<std::string> args = o_.command;
-  for (auto& s : args) argv.push_back(s.data());
-  argv.push_back(nullptr);
+  std::vector<char*> envp = proc::c_strings(env), argv = proc::c_strings(args);
   pid_t ppid = getpid();
   pid_t pid = fork();
   if (pid < 0) {
