@@ -66,6 +66,19 @@ std::optional<Allocator> resolve(const std::string& name, std::string* why) {
   return Allocator{name, lib, true};
 }
 
+std::string python_package_dir(std::string* why) {
+  std::vector<std::string> candidates;
+  if (const char* env = getenv("EBB_PYTHONPATH")) candidates.push_back(env);
+  candidates.push_back(self_dir() + "/../lib/python3/dist-packages");
+#ifdef EBB_SOURCE_PYTHON_DIR
+  candidates.push_back(EBB_SOURCE_PYTHON_DIR);
+#endif
+  for (const auto& dir : candidates)
+    if (is_file(dir + "/ebb/zygote.py")) return dir;
+  *why = "the ebb Python package (ebb/zygote.py) is not in " + candidates.front() + " (set EBB_PYTHONPATH)";
+  return "";
+}
+
 bool runnable(const std::string& cmd) {
   if (cmd.find('/') != std::string::npos) return access(cmd.c_str(), X_OK) == 0;
   const char* path = getenv("PATH");

@@ -19,6 +19,11 @@ struct Allocator {
 // $EBB_LIB, else lib/libebb.so next to this program's bin/.
 std::optional<Allocator> resolve(const std::string& name, std::string* why);
 
+// The directory holding the ebb Python package (ebb/zygote.py): $EBB_PYTHONPATH,
+// else lib/python3/dist-packages next to this program's bin/ (installed),
+// else the source tree's python/ (a build tree). Empty, with *why, if none.
+std::string python_package_dir(std::string* why);
+
 // True if `cmd` can be executed: a path, or a name found on PATH.
 bool runnable(const std::string& cmd);
 

@@ -13,6 +13,7 @@
 
 #include "commands.h"
 #include "format.h"
+#include "pagemap.h"
 #include "rows.h"
 
 namespace ebb::cli {
@@ -61,6 +62,28 @@ std::string age(double s) {
   return fmt::format("{:.1f}h", s / 3600);
 }
 
+// Adds what ebb ps reads itself to each process of the fleet's status: its
+// PSS, USS and shared bytes and, under --preload, the bytes it shares with
+// the fork server (page frames in common, when pagemap can be read).
+void add_memory(nlohmann::json& j) {
+  std::optional<std::vector<uint64_t>> zygote_frames;
+  if (j.contains("zygote")) zygote_frames = proc::resident_frames(j["zygote"]["pid"].get<int>());
+  auto fill = [&](nlohmann::json& w, bool is_zygote) {
+    proc::Process p = proc::read_process(w["pid"].get<int>());
+    bool ok = p.state == proc::State::kOk;
+    w["rss"] = ok ? nlohmann::json(p.mem.rss) : nlohmann::json();
+    w["pss"] = ok ? nlohmann::json(p.mem.pss) : nlohmann::json();
+    w["uss"] = ok ? nlohmann::json(p.mem.uss) : nlohmann::json();
+    w["shared"] = ok ? nlohmann::json(p.mem.shared) : nlohmann::json();
+    if (zygote_frames && !is_zygote) {
+      auto b = proc::bytes_in_frames(w["pid"].get<int>(), *zygote_frames);
+      w["shared_with_zygote"] = b ? nlohmann::json(*b) : nlohmann::json();
+    }
+  };
+  for (auto& w : j["workers"]) fill(w, false);
+  if (j.contains("zygote")) fill(j["zygote"], true);
+}
+
 int run_fleet(const PsOptions& o) {
   std::string err;
   auto j = read_fleet(o.fleet, &err);
@@ -68,32 +91,79 @@ int run_fleet(const PsOptions& o) {
     error("ps", fmt::format("--fleet {}: {}", o.fleet, err));
     return 1;
   }
+  add_memory(*j);
   if (o.json) {
     fmt::print("{}\n", j->dump(2));
     return 0;
   }
-  const std::string metric = (*j)["metric"].get<std::string>();
-  std::string upper = metric;
-  for (auto& c : upper) c = static_cast<char>(toupper(static_cast<unsigned char>(c)));
-  Table t({"WORKER", "PID", "STATE", upper, "SOFT", "HARD", "AGE", "TRIMS"},
-          {true, true, false, true, true, true, true, true});
+  const bool zygote = j->contains("zygote");
+  const bool with_rss = (*j)["metric"] == "rss";  // the limits' metric, when not shown anyway
+  std::vector<std::string> head = {"WORKER", "PID", "STATE"};
+  if (with_rss) head.push_back("RSS");
+  for (const char* h : {"PSS", "USS", "SHARED"}) head.push_back(h);
+  if (zygote) head.push_back("ZYGOTE");
+  for (const char* h : {"SOFT", "HARD", "AGE", "TRIMS"}) head.push_back(h);
+  std::vector<bool> right(head.size(), true);
+  right[2] = false;
+  Table t(head, right);
   auto limit = [](uint64_t v) { return v == 0 ? std::string("-") : human_bytes(v); };
+  auto bytes = [](const nlohmann::json& v) { return v.is_number() ? human_bytes(v.get<uint64_t>()) : "-"; };
+  uint64_t pss = 0, uss = 0, from_zygote = 0, worker_rss = 0;
+  auto memory_cells = [&](const nlohmann::json& w, std::vector<std::string>& row, bool is_zygote) {
+    if (with_rss) row.push_back(bytes(w["rss"]));
+    row.push_back(bytes(w["pss"]));
+    row.push_back(bytes(w["uss"]));
+    row.push_back(bytes(w["shared"]));
+    if (zygote) row.push_back(is_zygote ? "-" : bytes(w.value("shared_with_zygote", nlohmann::json())));
+    pss += w["pss"].is_number() ? w["pss"].get<uint64_t>() : 0;
+    uss += w["uss"].is_number() ? w["uss"].get<uint64_t>() : 0;
+    if (!is_zygote) {
+      worker_rss += w["rss"].is_number() ? w["rss"].get<uint64_t>() : 0;
+      auto z = w.value("shared_with_zygote", nlohmann::json());
+      from_zygote += z.is_number() ? z.get<uint64_t>() : 0;
+    }
+  };
+  if (zygote) {
+    std::vector<std::string> row = {"zygote", std::to_string((*j)["zygote"]["pid"].get<int>()), "fork server"};
+    memory_cells((*j)["zygote"], row, true);
+    for (int i = 0; i < 4; i++) row.push_back("");
+    t.add(row);
+  }
   for (const auto& w : (*j)["workers"]) {
-    t.add({w["state"] == "master" ? "master" : std::to_string(w["id"].get<int>()), std::to_string(w["pid"].get<int>()),
-           w["state"].get<std::string>(), human_bytes(w["mem"].get<uint64_t>()), limit(w["soft_limit"].get<uint64_t>()),
-           limit(w["hard_limit"].get<uint64_t>()), age(w["age_s"].get<double>()),
-           w["can_trim"].get<bool>() ? std::to_string(w["trims"].get<uint64_t>()) : "-"});
+    std::vector<std::string> row = {w["state"] == "master" ? "master" : std::to_string(w["id"].get<int>()),
+                                    std::to_string(w["pid"].get<int>()), w["state"].get<std::string>()};
+    memory_cells(w, row, false);
+    row.push_back(limit(w["soft_limit"].get<uint64_t>()));
+    row.push_back(limit(w["hard_limit"].get<uint64_t>()));
+    row.push_back(age(w["age_s"].get<double>()));
+    row.push_back(w["can_trim"].get<bool>() ? std::to_string(w["trims"].get<uint64_t>()) : "-");
+    t.add(row);
   }
   t.add_rule();
   uint64_t budget = (*j)["total_limit"].get<uint64_t>();
-  t.add({"fleet", std::to_string((*j)["pid"].get<int>()), (*j)["shutting_down"].get<bool>() ? "stopping" : "running",
-         human_bytes((*j)["total"].get<uint64_t>()), "", budget ? "/ " + human_bytes(budget) : "",
-         age((*j)["uptime_s"].get<double>()), std::to_string((*j)["trims"].get<uint64_t>())});
+  std::vector<std::string> total = {"fleet", std::to_string((*j)["pid"].get<int>()),
+                                    (*j)["shutting_down"].get<bool>() ? "stopping" : "running"};
+  if (with_rss) total.push_back(human_bytes((*j)["total"].get<uint64_t>()));
+  total.push_back(human_bytes(pss));
+  total.push_back(human_bytes(uss));
+  total.push_back("");
+  if (zygote) total.push_back(human_bytes(from_zygote));
+  total.push_back("");
+  total.push_back(budget ? "/ " + human_bytes(budget) : "");
+  total.push_back(age((*j)["uptime_s"].get<double>()));
+  total.push_back(std::to_string((*j)["trims"].get<uint64_t>()));
+  t.add(total);
   fmt::print("{}", t.render());
   uint64_t recycled = 0;
   for (const auto& [reason, n] : (*j)["recycles"].items()) recycled += n.get<uint64_t>();
-  fmt::print("recycled {}, restarted {}, killed {}, trims released {}\n", recycled, (*j)["restarts"].get<uint64_t>(),
+  fmt::print("limits measure {}; fleet {} {}", (*j)["metric"].get<std::string>(), (*j)["metric"].get<std::string>(),
+             human_bytes((*j)["total"].get<uint64_t>()));
+  if (budget) fmt::print(" of {}", human_bytes(budget));
+  fmt::print("\nrecycled {}, restarted {}, killed {}, trims released {}\n", recycled, (*j)["restarts"].get<uint64_t>(),
              (*j)["kills"].get<uint64_t>(), human_bytes((*j)["released_bytes"].get<uint64_t>()));
+  if (zygote && worker_rss > 0)
+    fmt::print("the workers share {} with the fork server: {:.0f}% of their RSS\n", human_bytes(from_zygote),
+               100.0 * static_cast<double>(from_zygote) / static_cast<double>(worker_rss));
   return 0;
 }
 

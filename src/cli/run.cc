@@ -35,6 +35,9 @@ struct RunArgs {
   std::string log_format = "human";
   std::string status_socket;
   std::string metrics;
+  std::vector<std::string> preload;
+  bool preload_fallback = false;
+  std::string preload_timeout = "120s";
   std::vector<std::string> command;
 };
 
@@ -104,6 +107,30 @@ int run_run(const RunArgs& a) {
     return 127;
   }
   supervisor::Options o;
+  if (!a.preload.empty()) {
+    if (a.children) {
+      error("run", "--preload and --children do not go together: with --preload, ebb forks the workers itself");
+      return 2;
+    }
+    auto py = supervisor::python_command(a.command, &why);
+    if (!py) {
+      error("run", "--preload: " + why);
+      return 2;
+    }
+    if (!runnable(py->interpreter.front())) {
+      error("run", fmt::format("{}: command not found", py->interpreter.front()));
+      return 127;
+    }
+    o.python_dir = python_package_dir(&why);
+    if (o.python_dir.empty()) {
+      error("run", "--preload: " + why);
+      return 2;
+    }
+    o.python = *py;
+    o.preload = a.preload;
+    o.preload_fallback = a.preload_fallback;
+    o.preload_timeout_s = seconds_of(a.preload_timeout);
+  }
   o.command = a.command;
   o.env = child_environment(*alloc, {"EBB_TELEMETRY=1"});
   o.workers = a.workers;
@@ -154,6 +181,7 @@ void register_run(CLI::App& app, int& rc) {
       "Examples:\n"
       "  ebb run -w 4 --soft-limit 300M --hard-limit 400M -- celery -A app worker --pool=solo\n"
       "  ebb run --children --hard-limit 250M -- gunicorn -w 4 app:app\n"
+      "  ebb run -w 8 --preload app,pandas -- python3 -m app.worker\n"
       "Signals: TERM/INT stop gracefully (twice: now), HUP rolling restart, TTIN/TTOU add/remove a worker.\n"
       "See docs/run.md.");
   sub->add_option("-w,--workers", a->workers, "Copies of COMMAND to run (default: 1)")->check(CLI::Range(1u, 4096u));
@@ -196,6 +224,19 @@ void register_run(CLI::App& app, int& rc) {
                   "Unix socket (mode 0600) answering the fleet's status as JSON; read by ebb ps --fleet");
   sub->add_option("--metrics", a->metrics,
                   "Serve Prometheus metrics on HOST:PORT (a bare PORT listens on 127.0.0.1 only)");
+  sub->add_option("--preload", a->preload,
+                  "Import these Python modules once in a fork server and fork every worker from it (copy-on-write "
+                  "sharing, gc.freeze); COMMAND must be Python: python3 -m MODULE ..., python3 SCRIPT ... "
+                  "(see docs/run.md)")
+      ->delimiter(',')
+      ->allow_extra_args(false)  // one value per --preload: the command after it is not a module
+      ->type_name("MODULE[,MODULE...]");
+  sub->add_flag("--preload-fallback", a->preload_fallback,
+                "If the fork server cannot import its modules, run the workers as separate processes instead of "
+                "stopping (exit 1)");
+  sub->add_option("--preload-timeout", a->preload_timeout,
+                  "The fork server must have imported everything within this time (default: 120s)")
+      ->check(duration_check());
   sub->add_option("command", a->command, "The worker command, after --")->expected(-1);
   sub->callback([a, &rc]() { rc = run_run(*a); });
 }

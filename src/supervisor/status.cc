@@ -89,6 +89,7 @@ nlohmann::json status_json(const FleetStatus& s) {
                       {"kills", s.kills},
                       {"oom_kills", s.oom_kills},
                       {"workers", nlohmann::json::array()}};
+  if (s.zygote != 0) j["zygote"] = {{"pid", s.zygote}, {"mem", s.zygote_mem}, {"restarts", s.zygote_restarts}};
   for (const WorkerStatus& w : s.workers)
     j["workers"].push_back({{"id", w.id},
                             {"pid", w.pid},
@@ -131,6 +132,12 @@ std::string prometheus_text(const FleetStatus& s) {
   single(out, "ebb_restarts_total", "counter", "Workers restarted after exiting on their own.", s.restarts);
   single(out, "ebb_kills_total", "counter", "Workers killed with SIGKILL after their grace.", s.kills);
   single(out, "ebb_cgroup_oom_kills_total", "counter", "OOM kills in ebb's cgroup since ebb started.", s.oom_kills);
+  if (s.zygote != 0) {
+    single(out, "ebb_zygote_memory_bytes", "gauge",
+           "Memory of the --preload fork server (part of the fleet's), by the limits' metric.", s.zygote_mem);
+    single(out, "ebb_zygote_restarts_total", "counter", "Times the --preload fork server was started again.",
+           s.zygote_restarts);
+  }
   return out;
 }
 

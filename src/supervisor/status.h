@@ -40,6 +40,9 @@ struct FleetStatus {
   uint64_t restarts = 0;                     // unexpected exits followed by a restart
   uint64_t kills = 0;                        // SIGKILLs after a grace
   uint64_t oom_kills = 0;                    // in the cgroup, since ebb started
+  pid_t zygote = 0;                          // the fork server of --preload, 0 when none
+  uint64_t zygote_mem = 0;
+  uint64_t zygote_restarts = 0;
 };
 
 nlohmann::json status_json(const FleetStatus& s);

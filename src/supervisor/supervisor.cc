@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
@@ -109,6 +110,7 @@ struct Slot {
   double restart_at = -1;    // start a worker at this time; -1: not scheduled
   unsigned quick_exits = 0;  // consecutive exits sooner than min_uptime
   bool retired = false;      // removed by TTOU: do not restart
+  bool waiting = false;      // for the fork server to be ready
 };
 
 std::string fmt_worker(int id, pid_t pid) {
@@ -164,6 +166,15 @@ class Fleet {
   unsigned stopping_count() const;
   void continue_reload();
 
+  // ---- the fork server of --preload
+  bool start_zygote(std::unique_ptr<Zygote>& z, const char* why);
+  void on_zygote_readable(std::unique_ptr<Zygote>& z);
+  void on_zygote_message(std::unique_ptr<Zygote>& z, const nlohmann::json& msg);
+  bool on_zygote_exit(pid_t pid, int status);
+  void zygote_failed(const std::string& why);
+  void check_zygotes();
+  bool zygote_alive() const { return zygote_ && zygote_->pid() > 0; }
+
   const Options& o_;
   Log log_;
   std::mt19937_64 rng_;
@@ -175,6 +186,7 @@ class Fleet {
   bool shutting_down_ = false;
   double shutdown_at_ = 0;
   bool unhealthy_ = false;
+  bool zygote_fatal_ = false;  // stopped because the fork server failed
   int next_child_id_ = 1;
   std::optional<proc::Cgroup> cgroup_;
   proc::MemoryEvents events_{};
@@ -182,6 +194,16 @@ class Fleet {
   std::vector<pid_t> pending_reload_;  // SIGHUP: workers still to recycle
   FleetStatus counters_;               // the totals part of the status
   double started_at_ = 0;
+
+  bool use_zygote_ = false;              // --preload, and no fallback yet
+  std::unique_ptr<Zygote> zygote_;       // forks the workers
+  std::unique_ptr<Zygote> next_zygote_;  // SIGHUP: importing the new code; replaces zygote_ when ready
+  double zygote_started_ = 0, next_zygote_started_ = 0;
+  bool zygote_was_ready_ = false;  // it served once: a death is restarted, not fatal
+  unsigned zygote_quick_exits_ = 0;
+  double zygote_restart_at_ = -1;
+  double zygote_closed_at_ = -1;  // shutting down: socket closed at this time
+  uint64_t zygote_mem_ = 0;
 
   FleetStatus snapshot() const;
   bool open_endpoints(int* status_fd, int* metrics_fd);
@@ -195,6 +217,7 @@ FleetStatus Fleet::snapshot() const {
   s.shutting_down = shutting_down_;
   s.total = total_;
   s.total_limit = o_.policy.total_limit;
+  if (zygote_alive()) s.zygote = zygote_->pid(), s.zygote_mem = zygote_mem_;
   pid_t master = o_.children && !slots_.empty() ? slots_[0].pid : 0;
   for (const auto& [pid, w] : workers_) {
     WorkerStatus ws;
@@ -244,6 +267,24 @@ Limits Fleet::draw() {
 }
 
 pid_t Fleet::spawn(int id) {
+  if (use_zygote_) {
+    std::string err;
+    pid_t pid = zygote_->fork_worker(id, {"EBB_WORKER_ID=" + std::to_string(id)}, 10, &err);
+    if (pid <= 0) {
+      // A fork server that cannot fork is no use: kill it; it is restarted.
+      log_.event("error", "fork server [pid " + std::to_string(zygote_->pid()) + "]: " + err + "; restarting it",
+                 {{"error", err}, {"zygote", zygote_->pid()}});
+      kill(zygote_->pid(), SIGKILL);
+      return -1;
+    }
+    Worker w;
+    w.id = id;
+    w.pid = pid;
+    w.started = now_s();
+    w.limits = draw();
+    workers_[pid] = w;
+    return pid;
+  }
   std::vector<std::string> env = o_.env;
   env.push_back("EBB_WORKER_ID=" + std::to_string(id));
   std::vector<std::string> args = o_.command;
@@ -280,6 +321,11 @@ pid_t Fleet::spawn(int id) {
 
 void Fleet::start_slot(Slot& s, const char* why) {
   s.restart_at = -1;
+  s.waiting = false;
+  if (use_zygote_ && !(zygote_ && zygote_->ready())) {
+    s.waiting = true;  // started when the fork server says it is ready
+    return;
+  }
   pid_t pid = spawn(s.id);
   if (pid < 0) {
     s.restart_at = now_s() + 1;
@@ -288,8 +334,8 @@ void Fleet::start_slot(Slot& s, const char* why) {
   s.pid = pid;
   const Worker& w = workers_[pid];
   nlohmann::json f = {{"worker", s.id}, {"pid", pid}, {"reason", why}};
-  std::string text =
-      (o_.children ? "master [pid " + std::to_string(pid) + "]" : fmt_worker(s.id, pid)) + " started (" + why + ")";
+  std::string text = (o_.children ? "master [pid " + std::to_string(pid) + "]" : fmt_worker(s.id, pid)) + " started (" +
+                     why + (use_zygote_ ? ", forked from the fork server" : "") + ")";
   if (!o_.children && (w.limits.soft || w.limits.hard || w.limits.max_age_s > 0)) {
     text += ": limits";
     if (w.limits.soft) text += " soft " + mib(w.limits.soft), f["soft_limit"] = w.limits.soft;
@@ -419,6 +465,10 @@ void Fleet::sample(const proc::ChildMap& children) {
       telemetry::send(pid, telemetry::kCmdSetSoftLimit, w.limits.soft, 1000);
     }
   }
+  // The fork server's memory is the fleet's too: what the workers share with
+  // it is counted once, here (under PSS; under RSS, once per worker as well).
+  zygote_mem_ = zygote_alive() ? process_memory(zygote_->pid(), o_.metric) : 0;
+  total_ += zygote_mem_;
 }
 
 void Fleet::watch_cgroup() {
@@ -482,6 +532,7 @@ void Fleet::tick() {
 }
 
 void Fleet::on_exit(pid_t pid, int status) {
+  if (on_zygote_exit(pid, status)) return;
   auto it = workers_.find(pid);
   if (it == workers_.end()) return;  // an orphan we reaped as subreaper
   Worker w = it->second;
@@ -532,6 +583,196 @@ void Fleet::on_exit(pid_t pid, int status) {
   else
     text += "restarting";
   log_.event("exit", text, f);
+}
+
+// ---- the fork server of --preload
+
+bool Fleet::start_zygote(std::unique_ptr<Zygote>& z, const char* why) {
+  auto fresh = std::make_unique<Zygote>();
+  std::string err;
+  if (!fresh->start(o_.python, o_.preload, o_.python_dir, o_.env, o_.stop_signal, &err)) {
+    log_.event("error", "cannot start the fork server: " + err, {{"error", err}});
+    return false;
+  }
+  std::string mods;
+  for (const auto& m : o_.preload) mods += (mods.empty() ? "" : ", ") + m;
+  log_.event("zygote",
+             "fork server [pid " + std::to_string(fresh->pid()) + "] started (" + why + "): importing " + mods,
+             {{"zygote", fresh->pid()}, {"modules", o_.preload}, {"reason", why}});
+  z = std::move(fresh);
+  (&z == &zygote_ ? zygote_started_ : next_zygote_started_) = now_s();
+  return true;
+}
+
+void Fleet::on_zygote_readable(std::unique_ptr<Zygote>& z) {
+  while (z) {
+    auto msg = z->receive();
+    if (!msg) {
+      z->close_socket();  // it is gone; SIGCHLD tells how
+      return;
+    }
+    if (msg->is_null()) return;
+    on_zygote_message(z, *msg);
+  }
+}
+
+void Fleet::on_zygote_message(std::unique_ptr<Zygote>& z, const nlohmann::json& msg) {
+  std::string event = msg.value("event", "");
+  pid_t pid = z->pid();
+  std::string who = "fork server [pid " + std::to_string(pid) + "]";
+  bool reloading = &z == &next_zygote_;
+  if (event == "ready") {
+    z->set_ready();
+    std::string mods;
+    for (const auto& m : msg.value("modules", nlohmann::json::array())) {
+      char buf[32];
+      snprintf(buf, sizeof buf, " (%.2fs)", m.value("seconds", 0.0));
+      mods += (mods.empty() ? "" : ", ") + m.value("name", std::string("?")) + buf;
+    }
+    char head[96];
+    snprintf(head, sizeof head, " ready in %.2fs, %lu objects frozen: ", msg.value("seconds", 0.0),
+             static_cast<unsigned long>(msg.value("frozen", 0UL)));
+    log_.event("ready", who + head + "imported " + mods, {{"zygote", pid}, {"preload", msg}});
+    for (const auto& w : msg.value("warnings", nlohmann::json::array()))
+      log_.event("warning", who + ": " + w.get<std::string>(), {{"zygote", pid}, {"warning", w}});
+    if (reloading) {
+      // The new code is imported: it takes over, and the workers are
+      // replaced from it, a few at a time (SIGHUP's rolling restart).
+      std::unique_ptr<Zygote> old = std::move(zygote_);
+      zygote_ = std::move(next_zygote_);
+      zygote_started_ = next_zygote_started_;
+      if (old) old->close_socket();  // it exits by itself
+      log_.event("reload", "the new fork server replaces the old one; rolling restart, " +
+                               std::to_string(o_.policy.max_recycling) + " at a time");
+      pending_reload_.clear();
+      for (auto& [wpid, w] : workers_) pending_reload_.push_back(wpid);
+      return;
+    }
+    zygote_was_ready_ = true;
+    for (Slot& s : slots_)
+      if (s.waiting && !s.retired && !shutting_down_) start_slot(s, "initial");
+    return;
+  }
+  if (event == "error") {
+    std::string err = msg.value("error", "unknown error");
+    std::string text = msg.contains("module") ? "cannot import " + msg.value("module", "") + ": " + err
+                                              : "the worker command cannot run: " + err;
+    nlohmann::json f = {{"zygote", pid}, {"error", err}};
+    if (msg.contains("module")) f["module"] = msg["module"], f["traceback"] = msg.value("traceback", "");
+    if (msg.contains("traceback")) text += " (traceback above)";
+    if (reloading) {
+      log_.event("error", "reload failed: " + who + " " + text + "; the running fork server and workers stay", f);
+      z->close_socket();
+      z.reset();  // its exit is reaped as an unknown child
+      return;
+    }
+    log_.event("error", who + ": " + text, f);
+    z->close_socket();
+    zygote_failed(text);
+    return;
+  }
+  log_.event("error", who + ": unexpected message " + msg.dump(), {{"zygote", pid}});
+}
+
+// The fork server cannot serve. At the start, the fleet stops (exit 1)
+// unless --preload-fallback; later, the running workers go on and it is
+// started again, with a growing delay.
+void Fleet::zygote_failed(const std::string& why) {
+  if (zygote_) zygote_->set_failed();
+  if (o_.preload_fallback) {
+    use_zygote_ = false;
+    log_.event("fallback", "the fork server failed (" + why + "); workers now run the command as separate processes",
+               {{"error", why}});
+    for (Slot& s : slots_)
+      if (s.waiting && !s.retired && !shutting_down_) start_slot(s, "initial");
+    return;
+  }
+  if (zygote_was_ready_) return;  // on_zygote_exit schedules the restart
+  if (!shutting_down_) {
+    zygote_fatal_ = true;
+    begin_shutdown("the fork server failed (--preload-fallback would run the workers without it)");
+  }
+}
+
+// True if `pid` was a fork server.
+bool Fleet::on_zygote_exit(pid_t pid, int status) {
+  std::string how = WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
+                                      : "was killed by " + signame(WTERMSIG(status));
+  if (next_zygote_ && pid == next_zygote_->pid()) {
+    on_zygote_readable(next_zygote_);  // its last words, if any (an import error)
+    if (next_zygote_) {
+      log_.event("error", "reload failed: the new fork server " + how + " before it was ready; the old one stays",
+                 {{"zygote", pid}});
+      next_zygote_.reset();
+    }
+    return true;
+  }
+  if (!zygote_ || pid != zygote_->pid()) return false;
+  bool was_ready = zygote_->ready();
+  on_zygote_readable(zygote_);  // its last words, if any (an import error)
+  bool reported = zygote_->failed();
+  zygote_->exited();
+  double uptime = now_s() - zygote_started_;
+  if (shutting_down_) {
+    log_.event("zygote", "fork server [pid " + std::to_string(pid) + "] " + how, {{"zygote", pid}});
+    return true;
+  }
+  if (!was_ready && !zygote_was_ready_) {
+    if (!reported && use_zygote_) {
+      log_.event("error", "fork server [pid " + std::to_string(pid) + "] " + how + " before it was ready",
+                 {{"zygote", pid}});
+      zygote_failed("it " + how);
+    }
+    return true;
+  }
+  if (!use_zygote_) return true;  // fell back to separate processes
+  zygote_quick_exits_ = uptime < o_.min_uptime_s ? zygote_quick_exits_ + 1 : 0;
+  double delay =
+      zygote_quick_exits_ < 2 ? 0 : std::min(60.0, std::ldexp(1.0, static_cast<int>(zygote_quick_exits_) - 2));
+  zygote_restart_at_ = now_s() + delay;
+  counters_.zygote_restarts++;
+  log_.event("zygote",
+             "fork server [pid " + std::to_string(pid) + "] " + how + " after " + seconds(uptime) +
+                 " (unexpected); the workers go on; restarting it" + (delay > 0 ? " in " + seconds(delay) : ""),
+             {{"zygote", pid}, {"restart_in_s", delay}});
+  return true;
+}
+
+// Restarts, import timeouts and the fork server's end at shutdown.
+void Fleet::check_zygotes() {
+  double now = now_s();
+  if (shutting_down_) {
+    if (next_zygote_) {
+      kill(next_zygote_->pid(), SIGKILL);
+      next_zygote_.reset();
+    }
+    if (workers_.empty() && zygote_alive()) {
+      if (zygote_closed_at_ < 0) {
+        zygote_closed_at_ = now;
+        zygote_->close_socket();                               // a ready fork server exits on EOF
+        if (!zygote_->ready()) kill(zygote_->pid(), SIGKILL);  // still importing: nothing to finish
+      } else if (now - zygote_closed_at_ > 5) {
+        kill(zygote_->pid(), SIGKILL);
+      }
+    }
+    return;
+  }
+  if (use_zygote_ && !zygote_alive() && zygote_restart_at_ >= 0 && now >= zygote_restart_at_) {
+    zygote_restart_at_ = -1;
+    if (!start_zygote(zygote_, "restart")) zygote_restart_at_ = now + 5;
+  }
+  for (auto* z : {&zygote_, &next_zygote_}) {
+    double started = z == &zygote_ ? zygote_started_ : next_zygote_started_;
+    if (*z && (*z)->pid() > 0 && !(*z)->ready() && (*z)->fd() >= 0 && now - started > o_.preload_timeout_s) {
+      log_.event("error",
+                 "fork server [pid " + std::to_string((*z)->pid()) + "] still importing after " +
+                     seconds(o_.preload_timeout_s) + " (--preload-timeout): killing it",
+                 {{"zygote", (*z)->pid()}});
+      (*z)->close_socket();
+      kill((*z)->pid(), SIGKILL);
+      if (z == &zygote_) zygote_failed("import timeout");
+    }
+  }
 }
 
 void Fleet::reap() {
@@ -600,6 +841,17 @@ void Fleet::on_signal(int sig) {
       begin_shutdown(sig == SIGTERM ? "SIGTERM" : "SIGINT");
       break;
     case SIGHUP: {
+      if (use_zygote_ && !shutting_down_) {
+        // New code: import it in a new fork server first; the workers are
+        // replaced only once it is ready, so a broken deploy breaks nothing.
+        if (next_zygote_) {
+          log_.event("reload", "SIGHUP: a reload is already importing; ignored");
+          break;
+        }
+        log_.event("reload", "SIGHUP: starting a new fork server; the workers are replaced once it is ready");
+        start_zygote(next_zygote_, "reload");
+        break;
+      }
       if (shutting_down_ || o_.children) {
         if (o_.children && !slots_.empty() && slots_[0].pid > 0) kill(slots_[0].pid, SIGHUP);  // the master reloads
         break;
@@ -663,6 +915,7 @@ double Fleet::next_wakeup() const {
     if (s.restart_at >= 0) t = std::min(t, s.restart_at);
   for (const auto& [pid, w] : workers_)
     if (w.stopping && !w.killed) t = std::min(t, w.stop_sent + o_.grace_s);
+  if (zygote_restart_at_ >= 0) t = std::min(t, zygote_restart_at_);
   return t;
 }
 
@@ -717,14 +970,25 @@ int Fleet::run() {
                 {"max_age_s", o_.policy.max_age_s},
                 {"jitter", o_.policy.jitter}});
   }
+  if (!o_.preload.empty()) {
+    use_zygote_ = true;
+    if (!start_zygote(zygote_, "initial")) {
+      close(sfd);
+      return 1;
+    }
+  }
   for (Slot& s : slots_) start_slot(s, "initial");
   next_tick_ = now_s() + o_.interval_s;
 
-  while (!(shutting_down_ && workers_.empty())) {
+  while (!(shutting_down_ && workers_.empty() && !zygote_alive())) {
     double wait = next_wakeup() - now_s();
     int timeout_ms = wait <= 0 ? 0 : static_cast<int>(std::ceil(wait * 1000));
-    pollfd pfd[3] = {{sfd, POLLIN, 0}, {status_fd, POLLIN, 0}, {metrics_fd, POLLIN, 0}};
-    int r = poll(pfd, 3, timeout_ms);  // fds of -1 are ignored
+    pollfd pfd[5] = {{sfd, POLLIN, 0},
+                     {status_fd, POLLIN, 0},
+                     {metrics_fd, POLLIN, 0},
+                     {zygote_ ? zygote_->fd() : -1, POLLIN, 0},
+                     {next_zygote_ ? next_zygote_->fd() : -1, POLLIN, 0}};
+    int r = poll(pfd, 5, timeout_ms);  // fds of -1 are ignored
     if (r < 0 && errno != EINTR) break;
     if (r > 0 && (pfd[0].revents & POLLIN)) {
       signalfd_siginfo si;
@@ -732,12 +996,15 @@ int Fleet::run() {
     }
     if (r > 0 && (pfd[1].revents & POLLIN)) answer_status(status_fd, snapshot());
     if (r > 0 && (pfd[2].revents & POLLIN)) answer_metrics(metrics_fd, snapshot());
+    if (r > 0 && pfd[3].revents != 0 && zygote_) on_zygote_readable(zygote_);
+    if (r > 0 && pfd[4].revents != 0 && next_zygote_) on_zygote_readable(next_zygote_);
     reap();  // signals coalesce: look for every exit, not one per SIGCHLD
     double now = now_s();
     if (!shutting_down_)
       for (Slot& s : slots_)
         if (!s.retired && s.pid == 0 && s.restart_at >= 0 && s.restart_at <= now) start_slot(s, "restart");
     enforce_grace();
+    if (!o_.preload.empty()) check_zygotes();
     if (now >= next_tick_) {
       tick();
       if (!shutting_down_) continue_reload();
@@ -745,11 +1012,12 @@ int Fleet::run() {
     }
   }
   bool looping = std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.quick_exits >= 2; });
-  int code = unhealthy_ || looping ? 1 : 0;
+  int code = unhealthy_ || looping || zygote_fatal_ ? 1 : 0;
   log_.event("stopped",
-             std::string("every worker has stopped") + (code == 0    ? ""
-                                                        : unhealthy_ ? "; some had to be killed"
-                                                                     : "; the fleet was crash-looping"),
+             std::string("every worker has stopped") + (code == 0       ? ""
+                                                        : zygote_fatal_ ? "; the fork server failed"
+                                                        : unhealthy_    ? "; some had to be killed"
+                                                                        : "; the fleet was crash-looping"),
              {{"exit_code", code}});
   close(sfd);
   if (status_fd >= 0) {

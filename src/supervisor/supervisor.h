@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "policy.h"
+#include "zygote.h"
 
 namespace ebb::supervisor {
 
@@ -38,12 +39,22 @@ struct Options {
   std::string cgroup_dir;     // watched for OOM kills and pressure; empty: none
   std::string status_socket;  // unix socket answering the fleet's status as JSON; empty: none
   std::string metrics;        // HOST:PORT of the Prometheus endpoint; empty: none
+
+  // --preload: workers are forked from a Python fork server (zygote.h) that
+  // imported these modules once. Empty: each worker is `command`, exec'd.
+  std::vector<std::string> preload;
+  PythonCommand python;            // `command`, split for the fork server
+  std::string python_dir;          // where the ebb Python package is
+  bool preload_fallback = false;   // if the fork server fails: exec workers instead of exiting
+  double preload_timeout_s = 120;  // the imports must be done by then
 };
 
 // Runs until TERM or INT has stopped every worker. Returns the exit status:
 // 0 when every worker stopped within its grace, 1 when one had to be killed
 // or the fleet was crash-looping at the end, 2 when the status socket or the
-// metrics endpoint cannot be set up (then nothing is started).
+// metrics endpoint cannot be set up (then nothing is started). With
+// --preload, a fork server that cannot import its modules stops the fleet
+// with status 1 unless preload_fallback.
 int run(const Options& o);
 
 }  // namespace ebb::supervisor

@@ -1,0 +1,315 @@
+"""The fork server behind `ebb run --preload` (a "zygote").
+
+ebb starts it as
+
+    python3 [FLAGS] -c BOOT PYTHON_DIR --fd N --ebb-pid P --stop-signal S
+            --preload M1,M2 -- (-m MODULE | -c CODE | SCRIPT) [ARGS...]
+
+It imports the preloaded modules once, collects and freezes the heap
+(gc.freeze: later collections skip those objects, so the workers' collectors
+do not write to every shared page), tells ebb it is ready, then forks a
+worker each time ebb asks. Each worker runs the command in-process as
+`python3 -m MODULE ARGS` or `python3 SCRIPT ARGS` would.
+
+The workers must be ebb's children, so that ebb waits for them, sees how
+they exit and applies its whole policy to them. The zygote forks twice: the
+first child forks the worker and exits at once, and the worker, orphaned, is
+adopted by ebb (a child subreaper, PR_SET_CHILD_SUBREAPER).
+
+Messages on the socket (SOCK_SEQPACKET, one JSON object each):
+    zygote -> ebb   {"event": "ready", "modules": [...], "warnings": [...], ...}
+                    {"event": "error", "module": M, "error": ..., "traceback": ...}
+    ebb -> zygote   {"op": "fork", "id": 3, "env": {"EBB_WORKER_ID": "3"}}
+    zygote -> ebb   {"event": "forked", "id": 3, "pid": 1234} or {"event": "error", ...}
+The zygote exits when ebb closes the socket.
+"""
+import gc
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+
+# Everything the zygote itself creates is garbage for the workers: no
+# collections while the app loads, so nothing moves and no holes open.
+gc.disable()
+
+
+def _fail(conn, msg):
+    if conn is not None:
+        try:
+            conn.send(json.dumps(msg).encode())
+        except OSError:
+            pass
+
+
+def _parse(argv):
+    """Our own arguments, then the worker command after '--'."""
+    opts = {"preload": [], "fd": -1, "ebb_pid": 0, "stop_signal": int(signal.SIGTERM)}
+    i = 0
+    while i < len(argv) and argv[i] != "--":
+        key, value = argv[i], argv[i + 1]
+        if key == "--preload":
+            opts["preload"] = [m for m in value.split(",") if m]
+        elif key == "--fd":
+            opts["fd"] = int(value)
+        elif key == "--ebb-pid":
+            opts["ebb_pid"] = int(value)
+        elif key == "--stop-signal":
+            opts["stop_signal"] = int(value)
+        i += 2
+    command = argv[i + 1:]
+    if command[:1] == ["-m"]:
+        opts["mode"], opts["target"], opts["args"] = "module", command[1], command[2:]
+    elif command[:1] == ["-c"]:
+        opts["mode"], opts["target"], opts["args"] = "code", command[1], command[2:]
+    else:
+        opts["mode"], opts["target"], opts["args"] = "script", command[0], command[1:]
+    return opts
+
+
+def _set_path_and_argv(opts):
+    """sys.path[0] and sys.argv as `python3 -m/-c/SCRIPT` would set them, so
+    that the preloaded modules resolve as the worker's imports will."""
+    mode, target, args = opts["mode"], opts["target"], opts["args"]
+    if mode == "script":
+        sys.argv = [target] + args
+        first = os.path.dirname(os.path.realpath(target))
+    elif mode == "module":
+        sys.argv = ["-m"] + args  # runpy puts the module's path in argv[0]
+        first = os.getcwd()
+    else:
+        sys.argv = ["-c"] + args
+        first = ""
+    # We were started with -c, which put '' first, unless -P or -I said not to.
+    safe = getattr(sys.flags, "safe_path", False) or sys.flags.isolated
+    if not safe and sys.path and sys.path[0] == "":
+        sys.path[0] = first
+
+
+def _tasks():
+    """Native threads of this process, but libebb's purger (it survives fork)."""
+    out = set()
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+            if name != "ebb-purge" and int(tid) != os.getpid():
+                out.add((int(tid), name))
+    except OSError:
+        pass
+    return out
+
+
+def _sockets():
+    out = {}
+    try:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:"):
+                out[int(fd)] = target
+    except OSError:
+        pass
+    return out
+
+
+def _preload(opts, conn):
+    """Imports each module; returns (timings, warnings). On an import error
+    tells ebb which module failed and why, and exits."""
+    modules, warnings = [], []
+    own = {opts["fd"]}
+    for name in opts["preload"]:
+        py_threads = set(threading.enumerate())
+        tasks = _tasks()
+        socks = _sockets()
+        t0 = time.monotonic()
+        try:
+            importlib.import_module(name)
+        except BaseException as e:  # SystemExit and KeyboardInterrupt at import are failures too
+            tb = traceback.format_exc()
+            sys.stderr.write(f"ebb zygote: cannot import {name}:\n{tb}")
+            sys.stderr.flush()
+            _fail(conn, {"event": "error", "module": name, "error": f"{type(e).__name__}: {e}", "traceback": tb})
+            os._exit(1)
+        modules.append({"name": name, "seconds": round(time.monotonic() - t0, 3)})
+        new_py = [t for t in threading.enumerate() if t not in py_threads and t.is_alive()]
+        new_tasks = _tasks() - tasks
+        if new_py:
+            names = ", ".join(t.name for t in new_py)
+            warnings.append(f"{name} started {len(new_py)} Python thread(s) at import ({names}): "
+                            "threads do not survive fork, the workers will not have them")
+        elif new_tasks:
+            names = ", ".join(sorted({n for _, n in new_tasks}))
+            warnings.append(f"{name} started {len(new_tasks)} native thread(s) at import ({names}): "
+                            "threads do not survive fork; fine only if the library restarts them in a child")
+        new_socks = [fd for fd in _sockets() if fd not in socks and fd not in own]
+        if new_socks:
+            warnings.append(f"{name} opened {len(new_socks)} socket(s) at import (fd {', '.join(map(str, new_socks))}): "
+                            "every worker would share the same connection; open connections after fork")
+    return modules, warnings
+
+
+def _adopted_by(ebb_pid, deadline_s=5.0):
+    """Waits until our parent (the short-lived middle process) is gone and
+    ebb has adopted us."""
+    end = time.monotonic() + deadline_s
+    while os.getppid() != ebb_pid and time.monotonic() < end:
+        time.sleep(0.001)
+    return os.getppid() == ebb_pid
+
+
+def _become_worker(opts, conn, request):
+    """In the worker: undo what the zygote set up, then return to run the command."""
+    conn.close()
+    os.setpgid(0, 0)  # its own process group, as ebb gives every worker
+    ebb_pid = opts["ebb_pid"]
+    if ebb_pid and _adopted_by(ebb_pid):
+        # If ebb dies without stopping us, stop gracefully rather than linger.
+        # (Set only now: the death of the middle process would have sent it.)
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, opts["stop_signal"])  # PR_SET_PDEATHSIG
+        if os.getppid() != ebb_pid:
+            os.kill(os.getpid(), opts["stop_signal"])
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for key, value in request.get("env", {}).items():
+        os.environ[key] = value
+    # Python's random reseeds itself after fork; numpy's legacy global state does not.
+    if "numpy.random" in sys.modules:
+        try:
+            sys.modules["numpy.random"].seed()
+        except Exception:  # noqa: BLE001 - a reseed failure must not stop the worker
+            pass
+    gc.enable()  # what the worker allocates is collected as usual; the frozen heap stays out of it
+
+
+def _run_command(opts):
+    """Runs the worker command in this process, as the interpreter would."""
+    import builtins
+    import runpy
+    import types
+    mode, target = opts["mode"], opts["target"]
+    main = types.ModuleType("__main__")
+    main.__builtins__ = builtins
+    sys.modules["__main__"] = main
+    if mode == "module":
+        # What `python3 -m` itself calls (runpy._run_module_as_main), with the
+        # warning that the module is already in sys.modules silenced: it was
+        # preloaded on purpose.
+        import warnings
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
+                _, spec, code = runpy._get_module_details(target, runpy._Error)
+        except runpy._Error as e:
+            sys.exit(f"{sys.executable}: {e}")
+        sys.argv[0] = spec.origin
+        runpy._run_code(code, main.__dict__, None, "__main__", spec)
+    elif mode == "code":
+        main.__spec__ = None
+        main.__loader__ = None
+        exec(compile(target, "<string>", "exec"), main.__dict__)
+    else:
+        if not os.path.isfile(target):  # a directory or zip with __main__.py
+            runpy.run_path(target, run_name="__main__")
+            return
+        from importlib.machinery import SourceFileLoader
+        target = os.path.abspath(target)  # as CPython 3.9+ does for __file__ and tracebacks
+        main.__file__ = target
+        main.__cached__ = None
+        main.__spec__ = None
+        main.__loader__ = SourceFileLoader("__main__", target)
+        with open(target, "rb") as f:  # compile() honours a coding declaration
+            source = f.read()
+        exec(compile(source, target, "exec"), main.__dict__)
+
+
+def _check_command(opts):
+    """Why the worker command cannot run, or None: found now, before any worker starts."""
+    mode, target = opts["mode"], opts["target"]
+    if mode == "script" and not os.path.exists(target):
+        return f"can't open file {os.path.abspath(target)!r}: [Errno 2] No such file or directory"
+    if mode == "module":
+        import importlib.util
+        try:
+            if importlib.util.find_spec(target) is None:
+                return f"No module named {target}"
+        except Exception as e:  # noqa: BLE001 - a parent package that fails to import
+            return f"cannot find module {target}: {type(e).__name__}: {e}"
+    return None
+
+
+def _serve(opts, conn):
+    """The fork loop. Returns in the worker (to run the command); exits in the zygote."""
+    while True:
+        try:
+            data = conn.recv(65536)
+        except InterruptedError:
+            continue
+        if not data:
+            os._exit(0)  # ebb closed the socket: the fleet is over
+        request = json.loads(data)
+        if request.get("op") != "fork":
+            _fail(conn, {"event": "error", "error": f"unknown request {request!r}"})
+            continue
+        r, w = os.pipe()
+        middle = os.fork()
+        if middle == 0:
+            os.close(r)
+            worker = os.fork()
+            if worker == 0:
+                os.close(w)
+                _become_worker(opts, conn, request)
+                return
+            try:
+                os.setpgid(worker, worker)  # before ebb can signal the group
+            except OSError:
+                pass
+            os.write(w, str(worker).encode())
+            os._exit(0)
+        os.close(w)
+        pid_text = os.read(r, 32)
+        os.close(r)
+        os.waitpid(middle, 0)
+        if pid_text:
+            _fail(conn, {"event": "forked", "id": request.get("id"), "pid": int(pid_text)})
+        else:
+            _fail(conn, {"event": "error", "id": request.get("id"), "error": "fork failed"})
+
+
+def main():
+    opts = _parse(sys.argv[2:])  # argv[0] is "-c", argv[1] the directory of this package
+    conn = socket.socket(fileno=opts["fd"])
+    os.set_inheritable(opts["fd"], False)
+    _set_path_and_argv(opts)
+    t0 = time.monotonic()
+    modules, warnings = _preload(opts, conn)
+    gc.collect()  # garbage from the imports would otherwise be frozen with the rest
+    gc.freeze()
+    problem = _check_command(opts)
+    if problem:
+        _fail(conn, {"event": "error", "command": True, "error": problem})
+        os._exit(1)
+    ready = {
+        "event": "ready",
+        "pid": os.getpid(),
+        "modules": modules,
+        "seconds": round(time.monotonic() - t0, 3),
+        "frozen": gc.get_freeze_count(),
+        "warnings": warnings,
+    }
+    _fail(conn, ready)
+    _serve(opts, conn)
+    _run_command(opts)

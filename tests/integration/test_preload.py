@@ -1,0 +1,290 @@
+"""`ebb run --preload`: workers forked from a Python fork server (a zygote).
+
+Each test starts a real `ebb run --log-format json` and reads its decisions;
+the workers are small Python programs written into the test's directory.
+Every wait is bounded.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_run import APPS, FAST, LEAKER, PY, PYTHON_DIR, Fleet, assert_exactly_once, redis_url  # noqa: F401
+
+# A worker that reports how it was started, as JSON on one stdout line.
+REPORT = r'''
+import gc, json, os, signal, sys
+import __main__
+print(json.dumps({
+    "argv": sys.argv, "name": __name__, "main_is_sys_main": sys.modules["__main__"].__dict__ is globals(),
+    "file": globals().get("__file__"), "spec": getattr(__spec__, "name", None), "path0": sys.path[0],
+    "sigint": str(signal.getsignal(signal.SIGINT)), "sigterm": str(signal.getsignal(signal.SIGTERM)),
+    "sigchld": str(signal.getsignal(signal.SIGCHLD)), "mask": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+    "gc": gc.isenabled(), "worker": os.environ.get("EBB_WORKER_ID"), "pid": os.getpid(), "ppid": os.getppid(),
+    "pgid": os.getpgid(0), "frozen": gc.get_freeze_count(), "preloaded": "heavy" in sys.modules,
+}), flush=True)
+if os.environ.get("REPORT_WAIT"):
+    signal.pause()
+'''
+
+HEAVY = '''
+VERSION = "v1"
+TABLE = {i: (str(i) * 4, [i, i * 2]) for i in range(200_000)}  # ~40 MB of objects, shared by the workers
+'''
+
+
+@pytest.fixture
+def app_dir(tmp_path):
+    (tmp_path / "report.py").write_text(REPORT)
+    (tmp_path / "heavy.py").write_text(HEAVY)
+    pkg = tmp_path / "reportpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(REPORT)
+    return tmp_path
+
+
+@pytest.fixture
+def zfleet(ebb_bin, ebb_lib):
+    started = []
+
+    def start(options, command, env=None, cwd=None):
+        f = Fleet(ebb_bin, ebb_lib, options, [], env, cwd=cwd, command=command)
+        started.append(f)
+        return f
+
+    yield start
+    for f in started:
+        if f.proc.poll() is None:
+            f.proc.kill()
+            f.proc.wait()
+
+
+def reports(f, count, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with f._lock:
+            found = [json.loads(x) for x in f.stdout if x.startswith("{")]
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{count} reports not seen; log:\n" + "".join(f.raw))
+
+
+def plain_report(cwd, command, env=None):
+    """What the same command reports when Python runs it directly."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "LD_PRELOAD"}
+    e.update(env or {})
+    out = subprocess.run(command, cwd=cwd, env=e, capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+SAME = ("argv", "name", "main_is_sys_main", "file", "spec", "path0", "sigint", "sigterm", "sigchld", "mask")
+
+
+@pytest.mark.parametrize("command", [
+    [PY, "report.py", "a", "--b"],
+    [PY, "-u", "-m", "reportpkg", "x", "-y"],
+    [PY, "-c", "exec(open('report.py').read())", "z"],
+], ids=["script", "module", "code"])
+def test_worker_sees_the_command_as_python_would_run_it(zfleet, app_dir, command):
+    """sys.argv, __main__, __file__, __spec__, sys.path[0] and signal state as
+    under plain `python3`; plus gc back on, the preload frozen, and the worker
+    a child of ebb in its own process group."""
+    f = zfleet(["-w", "2", "--preload", "heavy", *FAST], command, env={"REPORT_WAIT": "1"}, cwd=str(app_dir))
+    got = reports(f, 2)
+    want = plain_report(app_dir, command)
+    for r in got:
+        for key in SAME:
+            assert r[key] == want[key], (key, r[key], want[key])
+        assert r["gc"] is True
+        assert r["preloaded"] and not want["preloaded"]
+        assert r["frozen"] > 10_000  # the preloaded heap sits in the permanent generation
+        assert r["ppid"] == f.proc.pid  # adopted by ebb, which waits for it
+        assert r["pgid"] == r["pid"]
+    assert sorted(r["worker"] for r in got[:2]) == ["1", "2"]
+    ready = f.wait_for("ready")[0]
+    assert ready["preload"]["modules"][0]["name"] == "heavy"
+    assert f.stop() == 0
+
+
+def test_workers_share_the_preloaded_heap(zfleet, app_dir):
+    """The workers reach the preloaded data copy-on-write: most of their RSS is
+    shared (with libebb, the default allocator, too)."""
+    f = zfleet(["-w", "3", "--preload", "heavy", *FAST], [PY, "report.py"], env={"REPORT_WAIT": "1"},
+               cwd=str(app_dir))
+    pids = [r["pid"] for r in reports(f, 3)]
+    time.sleep(1)  # past libebb's purge delay: what is private now stays private
+    for pid in pids:
+        smaps = dict(line.split(":") for line in open(f"/proc/{pid}/smaps_rollup").read().splitlines()[1:])
+        kb = {k: int(v.split()[0]) for k, v in smaps.items()}
+        private = kb["Private_Clean"] + kb["Private_Dirty"]
+        assert kb["Rss"] > 40_000, kb  # the table is mapped...
+        assert private < kb["Rss"] / 4, kb  # ...and not copied
+    assert f.stop() == 0
+
+
+def test_recycled_workers_are_forked_again(zfleet):
+    """The whole policy applies: a worker over its hard limit is recycled
+    gracefully and its replacement comes from the same fork server."""
+    f = zfleet(["-w", "2", "--hard-limit", "60M", "--grace", "10s", "--preload", "argparse", *FAST],
+               [PY, LEAKER, "--leak", "4", "--task", "0.1"])
+    first = f.wait_for("recycle", reason="hard limit")[0]
+    ex = f.wait_for("exit", pid=first["pid"])[0]
+    assert ex.get("status") == 0 and not ex.get("killed")
+    assert len(f.wait_for("start", worker=first["worker"])) >= 2
+    assert not f.of("zygote", reason="restart"), "one fork server served every start"
+    assert f.stop() == 0
+
+
+def test_a_worker_that_crashes_at_start_backs_off(zfleet, app_dir):
+    (app_dir / "crash.py").write_text("import sys\nsys.exit(3)\n")
+    f = zfleet(["--preload", "heavy", *FAST], [PY, "crash.py"], cwd=str(app_dir))
+    exits = f.wait_for("exit", count=4, timeout=20)
+    assert all(e["status"] == 3 for e in exits)
+    delays = [e["restart_in_s"] for e in exits]
+    assert delays[0] == 0 and delays[3] > delays[2] > 0, delays
+    assert not f.of("zygote", reason="restart"), "the fork server itself is fine"
+    assert f.stop() == 1
+
+
+def test_import_failure_names_the_module_and_stops(zfleet, app_dir):
+    (app_dir / "broken.py").write_text("import os\nraise RuntimeError('no config file')\n")
+    f = zfleet(["--preload", "heavy,broken", *FAST], [PY, "report.py"], cwd=str(app_dir))
+    assert f.proc.wait(timeout=30) == 1
+    f.stop()
+    err = f.wait_for("error")[0]
+    assert err["module"] == "broken" and "RuntimeError: no config file" in err["error"]
+    assert "broken.py" in err["traceback"]
+    assert any("RuntimeError: no config file" in line for line in f.raw)  # the traceback, on stderr
+    assert not f.of("start"), "no worker started"
+
+
+def test_import_failure_with_fallback_runs_plain_workers(zfleet, app_dir):
+    f = zfleet(["-w", "2", "--preload", "nosuchmodule", "--preload-fallback", *FAST], [PY, "report.py"],
+               env={"REPORT_WAIT": "1"}, cwd=str(app_dir))
+    got = reports(f, 2)
+    assert f.of("fallback")
+    assert all(not r["preloaded"] and r["frozen"] == 0 for r in got)
+    assert f.stop() == 0
+
+
+def test_a_missing_worker_script_is_reported_before_any_start(zfleet, app_dir):
+    f = zfleet(["--preload", "heavy", *FAST], [PY, "nosuch.py"], cwd=str(app_dir))
+    assert f.proc.wait(timeout=30) == 1
+    f.stop()
+    assert "nosuch.py" in f.wait_for("error")[0]["error"]
+    assert not f.of("start")
+
+
+def test_threads_and_sockets_opened_at_import_are_warned_about(zfleet, app_dir):
+    (app_dir / "chatty.py").write_text(
+        "import socket, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(60,), name='poller', daemon=True).start()\n"
+        "conn = socket.socket()\n")
+    f = zfleet(["--preload", "chatty", *FAST], [PY, "report.py"], env={"REPORT_WAIT": "1"}, cwd=str(app_dir))
+    reports(f, 1)
+    warnings = [w["warning"] for w in f.of("warning")]
+    assert any("chatty started 1 Python thread" in w and "poller" in w for w in warnings), warnings
+    assert any("chatty opened 1 socket" in w for w in warnings), warnings
+    assert f.stop() == 0
+
+
+def test_non_python_command_is_refused(ebb_bin, tmp_path):
+    r = subprocess.run([ebb_bin, "run", "--preload", "json", "--", "/bin/sleep", "1"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and not r.stdout
+    assert "/bin/sleep is not a Python program" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = subprocess.run([ebb_bin, "run", "--preload", "json", "--children", "--", PY, "-c", "pass"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--children" in r.stderr
+
+
+def test_zygote_death_is_survived(zfleet, app_dir):
+    """The fork server is killed: the workers go on, a new one is started,
+    and the next worker comes from it."""
+    f = zfleet(["-w", "2", "--preload", "heavy", *FAST], [PY, "report.py"], env={"REPORT_WAIT": "1"},
+               cwd=str(app_dir))
+    pids = [r["pid"] for r in reports(f, 2)]
+    zygote = f.wait_for("ready")[0]["zygote"]
+    os.kill(zygote, signal.SIGKILL)
+    f.wait_for("ready", count=2, timeout=30)
+    for pid in pids:
+        os.kill(pid, 0)  # still running
+    os.kill(pids[0], signal.SIGTERM)
+    got = reports(f, 3)
+    assert got[2]["preloaded"] and got[2]["ppid"] == f.proc.pid
+    assert f.stop() == 0
+
+
+def test_hup_reimports_and_a_broken_reload_changes_nothing(zfleet, app_dir):
+    """SIGHUP imports the new code in a new fork server, then replaces the
+    workers from it; if the new code does not import, nothing changes."""
+    (app_dir / "ver.py").write_text("import heavy, os\nprint('version', heavy.VERSION, os.getpid(), flush=True)\n"
+                                    "import signal\nsignal.pause()\n")
+    # (no .pyc: a rewrite within the same second, of the same size, would look unchanged)
+    f = zfleet(["-w", "2", "--preload", "heavy", *FAST], [PY, "ver.py"], env={"PYTHONDONTWRITEBYTECODE": "1"},
+               cwd=str(app_dir))
+    f.wait_for("start", count=2)
+    deadline = time.monotonic() + 20
+    while sum(s.startswith("version v1") for s in f.stdout) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (app_dir / "heavy.py").write_text(HEAVY.replace("v1", "v2"))
+    f.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while sum(s.startswith("version v2") for s in f.stdout) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(s.startswith("version v2") for s in f.stdout) >= 2, "".join(f.raw)
+    starts = len(f.of("start"))
+    (app_dir / "heavy.py").write_text("raise ImportError('half-deployed')\n")
+    f.proc.send_signal(signal.SIGHUP)
+    err = f.wait_for("error", timeout=30)[0]
+    assert "reload failed" in err["message"] and "half-deployed" in err["error"]
+    time.sleep(1)
+    assert len(f.of("start")) == starts, "a broken reload recycles nobody"
+    assert f.stop() == 0
+
+
+def test_rq_jobs_through_the_fork_server(zfleet, redis_url):  # noqa: F811
+    """RQ's console script (a #! python3 script) under --preload, recycled at
+    its hard limit: every job runs exactly once."""
+    import redis
+    from rq import Queue
+    r = redis.Redis.from_url(redis_url)
+    q = Queue("default", connection=r)
+    jobs = 300
+    for i in range(jobs):
+        q.enqueue("rq_jobs.work", i, "x" * 400_000)
+    f = zfleet(["-w", "2", "--hard-limit", "60M", "--metric", "rss", "--grace", "30s",
+                "--preload", "rq,redis,rq_jobs,ebb.rq", *FAST],
+               ["/usr/bin/rq", "worker", "--url", redis_url, "--worker-class", "ebb.rq.SimpleWorker", "--quiet",
+                "default"],
+               env={"EBB_TEST_REDIS": redis_url, "PYTHONPATH": f"{APPS}:{PYTHON_DIR}"})
+    assert_exactly_once(f, r, jobs, min_recycles=2, timeout=120)
+    assert not f.of("zygote", reason="restart"), "one fork server served every start"
+
+
+def test_celery_tasks_through_the_fork_server(zfleet, redis_url):  # noqa: F811
+    import redis
+    sys.path.insert(0, APPS)
+    os.environ["EBB_TEST_REDIS"] = redis_url
+    try:
+        from celery_app import work
+    finally:
+        sys.path.remove(APPS)
+        del os.environ["EBB_TEST_REDIS"]
+    tasks = 300
+    for i in range(tasks):
+        work.delay(i, "x" * 400_000)
+    f = zfleet(["-w", "2", "--hard-limit", "70M", "--metric", "rss", "--grace", "30s",
+                "--preload", "celery_app,ebb.celery", *FAST],
+               [PY, "-m", "ebb.celery", "-A", "celery_app", "worker", "--pool=solo", "--without-gossip",
+                "--without-mingle", "--without-heartbeat", "-l", "warning"],
+               env={"EBB_TEST_REDIS": redis_url, "PYTHONPATH": f"{APPS}:{PYTHON_DIR}"})
+    assert_exactly_once(f, redis.Redis.from_url(redis_url), tasks, min_recycles=2, timeout=180)
+    assert not f.of("zygote", reason="restart"), "one fork server served every start"
