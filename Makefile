@@ -5,7 +5,7 @@ BUILD   ?= build
 WERROR  ?= OFF
 CMAKE_FLAGS ?=
 
-.PHONY: all deps build unit integration cpython test demo bench bench-memory bench-speed bench-micro \
+.PHONY: all deps build unit integration cpython test demo bench bench-memory bench-speed bench-micro bench-preload \
         install format format-check lint clean
 
 all: build
@@ -31,19 +31,22 @@ cpython: build
 
 test: unit integration cpython
 
-# ebb's main job until the supervisor exists: the seed scenarios under ebb
-# and its peers with ebb compare, each with a plot of memory over time.
+# ebb's main job on a bundled example: the same leaky 4-worker fleet with and
+# without ebb run, side by side, with a table and a plot of fleet PSS.
 demo: build
 	@mkdir -p $(BUILD)/demo
 	$(PY) examples/fleet_demo.py --ebb $(BUILD)/bin/ebb --out $(BUILD)/demo
 
-bench: bench-memory bench-speed bench-micro
+bench: bench-memory bench-speed bench-micro bench-preload
 
 bench-memory: build
 	EBB_LIB=$(CURDIR)/$(BUILD)/lib/libebb.so $(PY) bench/run_memory.py --runs 3
 
 bench-speed: build
 	EBB_LIB=$(CURDIR)/$(BUILD)/lib/libebb.so $(PY) bench/run_speed.py --runs 5
+
+bench-preload: build
+	EBB_LIB=$(CURDIR)/$(BUILD)/lib/libebb.so $(PY) bench/preload.py --runs 3
 
 bench-micro: build
 	EBB_LIB=$(CURDIR)/$(BUILD)/lib/libebb.so $(PY) bench/run_micro.py $(BUILD)/bin/ebb_micro_bench

@@ -11,9 +11,11 @@ Submodules, each used on its own:
 - ebb.rq: RQ workers that stop between jobs when ebb recycles them, so no
   job is lost (`rq worker --worker-class ebb.rq.SimpleWorker`).
 - ebb.celery: the same for Celery (`python3 -m ebb.celery -A proj worker`,
-  or `ebb.celery.install(app)`).
+  or `ebb.celery.install(app)`), and `ebb.celery.freeze_before_fork()`,
+  which keeps the app shared between the processes of Celery's prefork pool.
 - ebb.gunicorn: config hooks that freeze a preloaded app so that workers
   keep sharing it (`from ebb.gunicorn import post_fork, when_ready`).
+- ebb.zygote: the fork server behind `ebb run --preload` (started by ebb).
 """
 import ctypes
 import os

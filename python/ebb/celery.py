@@ -28,14 +28,19 @@ Use it either way:
 
 A second signal is still a stop request (use SIGQUIT for Celery's cold
 shutdown); ebb run sends SIGKILL after its grace.
+
+For Celery's own prefork pool (teams not running `ebb run --preload`),
+`ebb.celery.freeze_before_fork()` keeps the app's memory shared between the
+pool's processes: call it at the top of the app module (see its docstring).
 """
+import gc
 import os
 import signal
 
 from celery import bootsteps, signals
 from celery.worker import state
 
-__all__ = ["install", "StopBetweenTasks"]
+__all__ = ["freeze_before_fork", "install", "StopBetweenTasks"]
 
 
 def _request_stop(signum, frame):
@@ -93,6 +98,46 @@ def _install_in_worker(sender=None, instance=None, **kwargs):
     # `python -m ebb.celery`: add the step to whatever app the worker runs.
     if os.environ.get("EBB_CELERY_STEP") == "1" and instance is not None:
         install(instance.app)
+
+
+def freeze_before_fork():
+    """Keep what the prefork pool's parent loaded shared with its children.
+
+    The pool forks its children from the parent, which has imported the app;
+    they share its memory copy-on-write until their garbage collector writes
+    to the header of every object it visits. The recipe (CPython's gc.freeze
+    documentation; seed 004 measured 31% less fleet PSS with it under
+    gunicorn): no collections while the app loads (no holes to be filled
+    later), everything loaded frozen before each fork (collections then skip
+    it), the collector back on in each child. Call it first thing in the app
+    module:
+
+        import ebb.celery
+        ebb.celery.freeze_before_fork()
+        app = Celery(...)
+
+    Idempotent. Under `ebb run --preload` it is not needed: the fork server
+    does the same.
+    """
+    global _frozen_hooks
+    if _frozen_hooks:
+        return
+    _frozen_hooks = True
+    gc.disable()
+    signals.worker_init.connect(_freeze_in_parent, weak=False)
+    # Before every fork of the parent (the pool replaces children too): what
+    # it loaded since is frozen as well. In the child: collect again.
+    os.register_at_fork(before=gc.freeze, after_in_child=gc.enable)
+
+
+_frozen_hooks = False
+
+
+def _freeze_in_parent(**kwargs):
+    # The app and its imports are loaded; the pool has not forked yet.
+    gc.collect()  # what is garbage now would otherwise be frozen with the rest
+    gc.freeze()
+    gc.enable()  # the parent's own collections skip the frozen heap, and touch only its own copy
 
 
 def main():
