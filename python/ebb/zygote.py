@@ -23,16 +23,27 @@ Messages on the socket (SOCK_SEQPACKET, one JSON object each):
     zygote -> ebb   {"event": "forked", "id": 3, "pid": 1234} or {"event": "error", ...}
 The zygote exits when ebb closes the socket.
 """
+import builtins
+import ctypes
 import gc
 import importlib
+import importlib.util
 import json
 import os
+import runpy
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
+import types
+import warnings
+from importlib.machinery import SourceFileLoader
+
+# Everything the workers need is imported here, in the fork server: what a
+# worker imports after the fork is its own private copy.
+_libc = ctypes.CDLL(None, use_errno=True)
 
 # Everything the zygote itself creates is garbage for the workers: no
 # collections while the app loads, so nothing moves and no holes open.
@@ -176,8 +187,7 @@ def _become_worker(opts, conn, request):
     if ebb_pid and _adopted_by(ebb_pid):
         # If ebb dies without stopping us, stop gracefully rather than linger.
         # (Set only now: the death of the middle process would have sent it.)
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, opts["stop_signal"])  # PR_SET_PDEATHSIG
+        _libc.prctl(1, opts["stop_signal"])  # PR_SET_PDEATHSIG
         if os.getppid() != ebb_pid:
             os.kill(os.getpid(), opts["stop_signal"])
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT):
@@ -197,9 +207,6 @@ def _become_worker(opts, conn, request):
 
 def _run_command(opts):
     """Runs the worker command in this process, as the interpreter would."""
-    import builtins
-    import runpy
-    import types
     mode, target = opts["mode"], opts["target"]
     main = types.ModuleType("__main__")
     main.__builtins__ = builtins
@@ -208,7 +215,6 @@ def _run_command(opts):
         # What `python3 -m` itself calls (runpy._run_module_as_main), with the
         # warning that the module is already in sys.modules silenced: it was
         # preloaded on purpose.
-        import warnings
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=RuntimeWarning, module="runpy")
@@ -225,7 +231,6 @@ def _run_command(opts):
         if not os.path.isfile(target):  # a directory or zip with __main__.py
             runpy.run_path(target, run_name="__main__")
             return
-        from importlib.machinery import SourceFileLoader
         target = os.path.abspath(target)  # as CPython 3.9+ does for __file__ and tracebacks
         main.__file__ = target
         main.__cached__ = None
@@ -242,7 +247,6 @@ def _check_command(opts):
     if mode == "script" and not os.path.exists(target):
         return f"can't open file {os.path.abspath(target)!r}: [Errno 2] No such file or directory"
     if mode == "module":
-        import importlib.util
         try:
             if importlib.util.find_spec(target) is None:
                 return f"No module named {target}"

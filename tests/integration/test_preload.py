@@ -288,3 +288,29 @@ def test_celery_tasks_through_the_fork_server(zfleet, redis_url):  # noqa: F811
                env={"EBB_TEST_REDIS": redis_url, "PYTHONPATH": f"{APPS}:{PYTHON_DIR}"})
     assert_exactly_once(f, redis.Redis.from_url(redis_url), tasks, min_recycles=2, timeout=180)
     assert not f.of("zygote", reason="restart"), "one fork server served every start"
+
+
+def test_ps_fleet_shows_what_workers_share_with_the_fork_server(zfleet, app_dir, ebb_bin, tmp_path):
+    sock = str(tmp_path / "st.sock")
+    f = zfleet(["-w", "2", "--preload", "heavy", "--status-socket", sock, "--metrics", "127.0.0.1:0", *FAST],
+               [PY, "report.py"], env={"REPORT_WAIT": "1"}, cwd=str(app_dir))
+    reports(f, 2)
+    time.sleep(1)
+    j = json.loads(subprocess.run([ebb_bin, "ps", "--fleet", sock, "--json"], capture_output=True, text=True,
+                                  timeout=30, check=True).stdout)
+    assert j["zygote"]["pid"] == f.wait_for("ready")[0]["zygote"]
+    for w in j["workers"]:
+        assert w["pss"] < w["rss"] and w["uss"] < w["rss"] / 4
+        if os.geteuid() == 0:  # page frames need root
+            assert w["shared_with_zygote"] > 30 << 20, w  # the preloaded table, at least
+            assert w["shared_with_zygote"] <= w["shared"]
+    text = subprocess.run([ebb_bin, "ps", "--fleet", sock], capture_output=True, text=True, timeout=30,
+                          check=True).stdout
+    assert "ZYGOTE" in text.splitlines()[0] and "fork server" in text
+    assert "the workers share" in text
+    address = f.wait_for("metrics")[0]["address"]
+    import urllib.request
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert "ebb_zygote_memory_bytes " in metrics and "ebb_zygote_restarts_total 0" in metrics
+    assert f.stop() == 0
