@@ -10,6 +10,10 @@ Bin g_bins[kNumClasses + 1];
 
 namespace {
 
+// A span with at most this many objects live is "sparse": (almost) all that
+// a burst left behind is free, so it is purged after the short delay.
+uint32_t sparse_max(unsigned cls) { return kClasses[cls].capacity / 16u; }
+
 void list_push(Bin& b, Span* s) {
   s->prev = nullptr;
   s->next = b.head;
@@ -53,6 +57,7 @@ uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head) {
 void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
   Bin& b = g_bins[cls];
   const auto now = static_cast<uint32_t>(os::now_ms());
+  const uint32_t sparse = sparse_max(cls);
   bool emptied = false;
   {
     LockGuard guard(b.lock);
@@ -74,6 +79,8 @@ void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
       if (s->used == 0) {
         span_reset(s);
         emptied = true;
+      } else if (s->used == sparse) {
+        emptied = true;  // now mostly free: the short delay applies (bins_purge)
       }
       if (!s->in_list) list_push(b, s);
     }
@@ -90,10 +97,12 @@ size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending) 
     for (Span* s = b.head; s != nullptr;) {
       Span* next = s->next;
       if (s->dirty) {
-        // A span with nothing live left is what a finished burst leaves
-        // behind: it goes back after the short delay, partly used spans
-        // (the working set) after the long one.
-        const bool empty = s->used == 0;
+        // A span with (almost) nothing live left is what a finished burst
+        // leaves behind: it goes back after the short delay, partly used
+        // spans (the working set) after the long one. "Almost": a few
+        // survivors of a burst (one object in a thousand kept) would
+        // otherwise hold the rest of their span's pages for the long delay.
+        const bool empty = s->used <= sparse_max(cls);
         const uint32_t delay = empty ? g_options.empty_delay_ms : g_options.purge_delay_ms;
         if (force || static_cast<uint32_t>(now) - s->touched >= delay) {
           bytes += span_purge(s);

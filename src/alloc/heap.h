@@ -54,6 +54,7 @@ struct Span {
   bool full() const { return nfree == 0 && parked == 0 && bump == kClasses[cls].capacity; }
 };
 static_assert(sizeof(Span) == 56, "64 span descriptors and the segment header share one page");
+static_assert(sizeof(Span) % sizeof(uint64_t) == 0, "spare descriptors hold whole bitmap words");
 
 enum SegmentKind : uint32_t { kSmallSegment = 1, kLargeSegment = 2 };
 constexpr uint64_t kSegmentMagic = 0x65626273656730ull;  // "ebbseg0"
@@ -125,7 +126,7 @@ extern uint64_t g_free_key;  // random; marks free objects
 // ---- init and options (init.cc, options.cc) ---------------------------------
 struct Options {
   uint32_t purge_delay_ms = 250;  // EBB_PURGE_DELAY_MS: free pages idle this long go back
-  uint32_t empty_delay_ms = 30;   // EBB_EMPTY_DELAY_MS: the same for spans with no live object
+  uint32_t empty_delay_ms = 30;   // EBB_EMPTY_DELAY_MS: the same for spans with at most 1/16 live
   bool background = true;         // EBB_BACKGROUND=0: no purger thread (purge on activity only)
   uint32_t tcache_bytes = 16384;  // EBB_TCACHE_BYTES: per class and thread (0: no thread cache)
   uint32_t large_cache_mb = 32;   // EBB_LARGE_CACHE_MB: freed large blocks kept for reuse
@@ -174,8 +175,15 @@ size_t span_purge(Span* s);
 void span_reset(Span* s);
 bool span_is_free_slot(Span* s, const void* p);  // for double-free reports (slow)
 size_t span_resident_pages(const Span* s);
-// Word w of span s's free bitmap (see Segment::free_bits).
+// Word w of span s's free bitmap. A span of n slices uses only the first of
+// its n descriptors: the other n - 1 (7 words each, in the header page that
+// is resident anyway) hold the bitmap's first words, which for every class
+// above ~300 bytes is the whole bitmap. The rest is in Segment::free_bits,
+// whose pages are then touched only by small classes in one-slice spans.
+constexpr size_t kSpareWords = sizeof(Span) / sizeof(uint64_t);
 EBB_INLINE uint64_t& span_word(const Span* s, size_t w) {
+  // The spare descriptors follow s in the segment's array: s + 1 is the first.
+  if (w < kSpareWords * (s->nslices - 1u)) return reinterpret_cast<uint64_t*>(const_cast<Span*>(s) + 1)[w];
   return segment_of_span(s)->free_bits[w / 8][s->slice][w % 8];
 }
 
@@ -212,6 +220,7 @@ struct CacheBin {
   uint16_t count;
   uint16_t max;
   uint16_t batch;  // objects the next refill asks for: starts small, doubles up to max/2
+  uint16_t cold;   // slow-path calls left before this class gets a cache (0: it has one)
 };
 struct ThreadCache {
   CacheBin bins[kNumClasses + 1];

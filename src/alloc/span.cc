@@ -16,6 +16,8 @@
 // reset; carving clears their bit). The page that straddles the carve line
 // is never purged, so the two kinds never mix.
 
+#include <cstring>
+
 #include "heap.h"
 #include "os.h"
 
@@ -128,6 +130,10 @@ void span_init(Span* s, unsigned cls) {
   // touching it here keeps a span that is only ever carved from faulting in
   // bitmap pages.
   for_purged_words(s, [](uint64_t& w, uint64_t m) { w &= ~m; });
+  // The spare descriptors hold bitmap words (span_word): one may have been
+  // the descriptor of an earlier span. They are in the header page.
+  Segment* seg = segment_of_span(s);
+  memset(static_cast<void*>(&seg->spans[s->slice + 1]), 0, sizeof(Span) * (s->nslices - 1u));
 }
 
 uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {

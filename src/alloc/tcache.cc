@@ -15,6 +15,8 @@ ThreadCache* g_tcaches = nullptr;
 
 namespace {
 
+constexpr uint16_t kColdCalls = 8;
+
 pthread_key_t g_exit_key;
 bool g_exit_key_ok = false;
 
@@ -34,7 +36,7 @@ void on_thread_exit(void* arg) {
   auto* tc = static_cast<ThreadCache*>(arg);
   tcache_flush_all(tc);
   tc->state = 2;
-  for (CacheBin& cb : tc->bins) cb.max = cb.batch = 0;  // from now on one object at a time
+  for (CacheBin& cb : tc->bins) cb.max = cb.batch = cb.cold = 0;  // from now on one object at a time
   g_counters.released_allocs.fetch_add(tc->allocs, std::memory_order_relaxed);
   g_counters.released_bytes.fetch_add(tc->alloc_bytes, std::memory_order_relaxed);
   tc->allocs = tc->alloc_bytes = 0;
@@ -46,12 +48,14 @@ void tcache_init(ThreadCache* tc) {
   ensure_init();
   tc->state = 1;  // first: what follows may allocate and must not recurse here
   for (unsigned cls = 1; cls <= kNumClasses; cls++) {
-    // Classes bigger than the budget are not cached: an idle thread's cache
-    // cannot be purged, and two 100 KiB buffers kept per class and thread
-    // would cost more resident memory than the lock they save is worth.
-    size_t n = g_options.tcache_bytes / class_size(cls);
-    tc->bins[cls].max = static_cast<uint16_t>(n > 128 ? 128 : n);
-    tc->bins[cls].batch = static_cast<uint16_t>(tc->bins[cls].max / 2 < 4 ? tc->bins[cls].max / 2 : 4);
+    // A class gets its cache only once it is in use: its first kColdCalls
+    // allocations and frees go straight to the bin (max 0). Most classes a
+    // program touches are used a few times (a growing list passes through
+    // dozens of classes once), and what sits in a cache stays resident and
+    // is never purged: an idle CPython held ~300 KB in its cache that way.
+    tc->bins[cls].max = 0;
+    tc->bins[cls].batch = 0;
+    tc->bins[cls].cold = kColdCalls;
   }
   {
     LockGuard guard(g_tcache_lock);
@@ -63,6 +67,22 @@ void tcache_init(ThreadCache* tc) {
   }
   if (g_exit_key_ok) pthread_setspecific(g_exit_key, tc);
   threads_started();
+}
+
+// The cache a class gets once warm: tcache_bytes of objects, at most 128;
+// classes bigger than the budget are not cached: an idle thread's cache
+// cannot be purged, and two 100 KiB buffers kept per class and thread would
+// cost more resident memory than the lock they save is worth. The first
+// refill takes one object and the batch doubles from there.
+void warm_up(unsigned cls, CacheBin& cb) {
+  size_t n = g_options.tcache_bytes / class_size(cls);
+  cb.max = static_cast<uint16_t>(n > 128 ? 128 : n);
+  cb.batch = static_cast<uint16_t>(cb.max >= 2 ? 1 : 0);
+}
+
+// Counts a slow-path call of a class that has no cache yet.
+EBB_INLINE void count_cold(ThreadCache* tc, unsigned cls, CacheBin& cb) {
+  if (EBB_UNLIKELY(cb.cold != 0) && tc->state == 1 && --cb.cold == 0) warm_up(cls, cb);
 }
 
 // Flushes the objects after the first `keep` of a cache bin.
@@ -88,6 +108,7 @@ void* tcache_alloc_slow(unsigned cls) {
   ThreadCache* tc = &t_cache;
   if (tc->state == 0) tcache_init(tc);
   CacheBin& cb = tc->bins[cls];
+  count_cold(tc, cls, cb);
   if (cb.head == nullptr) {
     // A class used once should not cost a whole batch of touched memory: the
     // refill size starts at a few objects and doubles with use up to max/2.
@@ -111,6 +132,7 @@ void tcache_free_slow(unsigned cls, FreeObj* obj) {
   ThreadCache* tc = &t_cache;
   if (tc->state == 0) tcache_init(tc);
   CacheBin& cb = tc->bins[cls];
+  count_cold(tc, cls, cb);
   if (cb.count >= cb.max) {
     if (cb.max <= 1) {  // no cache (exiting thread, or EBB_TCACHE_BYTES=0)
       obj->next = nullptr;
