@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from test_run import APPS, FAST, LEAKER, PY, PYTHON_DIR, Fleet, assert_exactly_once, redis_url  # noqa: F401
+from test_run import (APPS, FAST, LEAKER, PY, PYTHON_DIR, Fleet, assert_exactly_once, celery_task,  # noqa: F401
+                      redis_url)
 
 # A worker that reports how it was started, as JSON on one stdout line.
 REPORT = r'''
@@ -271,13 +270,7 @@ def test_rq_jobs_through_the_fork_server(zfleet, redis_url):  # noqa: F811
 
 def test_celery_tasks_through_the_fork_server(zfleet, redis_url):  # noqa: F811
     import redis
-    sys.path.insert(0, APPS)
-    os.environ["EBB_TEST_REDIS"] = redis_url
-    try:
-        from celery_app import work
-    finally:
-        sys.path.remove(APPS)
-        del os.environ["EBB_TEST_REDIS"]
+    work = celery_task(redis_url)
     tasks = 300
     for i in range(tasks):
         work.delay(i, "x" * 400_000)

@@ -340,16 +340,24 @@ def assert_exactly_once(f, r, count, min_recycles, timeout):
     assert code == 0
 
 
-def test_celery_tasks_run_exactly_once_across_recycles(fleet, redis_url):
-    """Seed 002: tasks with large kwargs grow the workers past the hard limit."""
-    import redis
+def celery_task(redis_url):
+    """The `work` task of tests/integration/apps/celery_app.py, bound to this
+    test's Redis: imported afresh, since the app reads its broker URL at import."""
     sys.path.insert(0, APPS)
-    os.environ["EBB_TEST_REDIS"] = redis_url  # read by celery_app at import
+    os.environ["EBB_TEST_REDIS"] = redis_url
+    sys.modules.pop("celery_app", None)
     try:
         from celery_app import work
     finally:
         sys.path.remove(APPS)
         del os.environ["EBB_TEST_REDIS"]
+    return work
+
+
+def test_celery_tasks_run_exactly_once_across_recycles(fleet, redis_url):
+    """Seed 002: tasks with large kwargs grow the workers past the hard limit."""
+    import redis
+    work = celery_task(redis_url)
     tasks = 400
     payload = "x" * 400_000  # ~0.4 MB kept per task
     for i in range(tasks):
