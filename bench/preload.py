@@ -257,7 +257,7 @@ def main():
     reqs = {c: statistics.median(r["requests"] for r in results if r["config"] == c) for c in configs}
     base = med.get("plain")
     print(f"\n{args.runs} runs, median fleet PSS of {WORKERS} workers (all processes of the fleet):")
-    print(f"| configuration | fleet PSS at start | fleet PSS after load | per worker | vs plain | requests |")
+    print("| configuration | fleet PSS at start | fleet PSS after load | per worker | vs plain | requests |")
     print("|---|---:|---:|---:|---:|---:|")
     for c in configs:
         ratio = f"{med[c] / base:.2f}x" if base else "-"

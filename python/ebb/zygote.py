@@ -89,7 +89,9 @@ def _set_path_and_argv(opts):
     mode, target, args = opts["mode"], opts["target"], opts["args"]
     if mode == "script":
         sys.argv = [target] + args
-        first = os.path.dirname(os.path.realpath(target))
+        # A directory or zip with __main__.py is itself first on the path.
+        first = os.path.realpath(target) if os.path.isdir(target) or _is_zip(target) else \
+            os.path.dirname(os.path.realpath(target))
     elif mode == "module":
         sys.argv = ["-m"] + args  # runpy puts the module's path in argv[0]
         first = os.getcwd()
@@ -100,6 +102,14 @@ def _set_path_and_argv(opts):
     safe = getattr(sys.flags, "safe_path", False) or sys.flags.isolated
     if not safe and sys.path and sys.path[0] == "":
         sys.path[0] = first
+
+
+def _is_zip(path):
+    import zipfile
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
 
 
 def _tasks():
@@ -132,6 +142,38 @@ def _sockets():
     except OSError:
         pass
     return out
+
+
+_app_gc_enabled = True  # the app's own choice, made while it was imported
+
+
+def _record_gc_choice():
+    """While the app imports, gc.disable/gc.enable record what it asked for
+    (the fork server keeps the collector off meanwhile, and the worker gets
+    the app's choice). Returns the function that ends the recording; the
+    wrappers then pass through, for modules that kept a reference to them."""
+    real_enable, real_disable = gc.enable, gc.disable
+    recording = [True]
+
+    def enable():
+        global _app_gc_enabled
+        if not recording[0]:
+            return real_enable()
+        _app_gc_enabled = True
+
+    def disable():
+        global _app_gc_enabled
+        if not recording[0]:
+            return real_disable()
+        _app_gc_enabled = False
+
+    gc.enable, gc.disable = enable, disable
+
+    def stop():
+        recording[0] = False
+        gc.enable, gc.disable = real_enable, real_disable
+
+    return stop
 
 
 def _preload(opts, conn):
@@ -184,16 +226,17 @@ def _become_worker(opts, conn, request):
     conn.close()
     os.setpgid(0, 0)  # its own process group, as ebb gives every worker
     ebb_pid = opts["ebb_pid"]
-    if ebb_pid and _adopted_by(ebb_pid):
+    if ebb_pid:
+        if not _adopted_by(ebb_pid):
+            os._exit(1)  # ebb died while we were being handed over: nobody would supervise us
         # If ebb dies without stopping us, stop gracefully rather than linger.
         # (Set only now: the death of the middle process would have sent it.)
         _libc.prctl(1, opts["stop_signal"])  # PR_SET_PDEATHSIG
         if os.getppid() != ebb_pid:
             os.kill(os.getpid(), opts["stop_signal"])
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # Signal handlers and the mask are left as they are: the fork server sets
+    # none of its own (ebb starts it with an empty mask), so what is there is
+    # what the interpreter and the preloaded modules set, as in a plain run.
     for key, value in request.get("env", {}).items():
         os.environ[key] = value
     # Python's random reseeds itself after fork; numpy's legacy global state does not.
@@ -202,7 +245,10 @@ def _become_worker(opts, conn, request):
             sys.modules["numpy.random"].seed()
         except Exception:  # noqa: BLE001 - a reseed failure must not stop the worker
             pass
-    gc.enable()  # what the worker allocates is collected as usual; the frozen heap stays out of it
+    # What the worker allocates is collected as usual (the frozen heap stays
+    # out of it), unless the app itself turned the collector off at import.
+    if _app_gc_enabled:
+        gc.enable()
 
 
 def _run_command(opts):
@@ -228,7 +274,7 @@ def _run_command(opts):
         main.__loader__ = None
         exec(compile(target, "<string>", "exec"), main.__dict__)
     else:
-        if not os.path.isfile(target):  # a directory or zip with __main__.py
+        if not os.path.isfile(target) or _is_zip(target):  # a directory or zip with __main__.py
             runpy.run_path(target, run_name="__main__")
             return
         target = os.path.abspath(target)  # as CPython 3.9+ does for __file__ and tracebacks
@@ -269,10 +315,19 @@ def _serve(opts, conn):
             _fail(conn, {"event": "error", "error": f"unknown request {request!r}"})
             continue
         r, w = os.pipe()
-        middle = os.fork()
+        try:
+            middle = os.fork()
+        except OSError as e:  # EAGAIN under a pids limit, ENOMEM: ebb retries later
+            os.close(r)
+            os.close(w)
+            _fail(conn, {"event": "error", "id": request.get("id"), "error": f"fork: {e}"})
+            continue
         if middle == 0:
             os.close(r)
-            worker = os.fork()
+            try:
+                worker = os.fork()
+            except OSError:
+                os._exit(1)  # nothing written: the fork server reports the failure
             if worker == 0:
                 os.close(w)
                 _become_worker(opts, conn, request)
@@ -299,13 +354,15 @@ def main():
     os.set_inheritable(opts["fd"], False)
     _set_path_and_argv(opts)
     t0 = time.monotonic()
+    restore_gc = _record_gc_choice()
     modules, warnings = _preload(opts, conn)
-    gc.collect()  # garbage from the imports would otherwise be frozen with the rest
-    gc.freeze()
-    problem = _check_command(opts)
+    problem = _check_command(opts)  # may import parent packages: before the freeze
+    restore_gc()
     if problem:
         _fail(conn, {"event": "error", "command": True, "error": problem})
         os._exit(1)
+    gc.collect()  # garbage from the imports would otherwise be frozen with the rest
+    gc.freeze()
     ready = {
         "event": "ready",
         "pid": os.getpid(),

@@ -13,10 +13,13 @@ namespace ebb::proc {
 namespace {
 
 constexpr uint64_t kPresent = 1ull << 63;
+constexpr uint64_t kFileOrShared = 1ull << 61;  // a file page or shared anonymous memory
 constexpr uint64_t kPfnMask = (1ull << 55) - 1;
 
-// Calls f(pfn) for each resident page of `pid`; false if pagemap cannot be
-// read or gives no frame numbers (not privileged).
+// Calls f(pfn) for each resident private anonymous page of `pid` (the heap,
+// stacks, anonymous mappings: what a fork shares copy-on-write; not library
+// or other file pages, which every process mapping the file shares anyway);
+// false if pagemap cannot be read or gives no frame numbers (not privileged).
 template <typename F>
 bool for_each_frame(pid_t pid, const std::string& proc_root, F&& f) {
   std::string base = proc_root + "/" + std::to_string(pid);
@@ -29,12 +32,14 @@ bool for_each_frame(pid_t pid, const std::string& proc_root, F&& f) {
   }
   long page = sysconf(_SC_PAGESIZE);
   bool any_present = false, any_frame = false;
-  char line[512];
+  char line[4096];  // a longer line (a very long path) is read in parts: only the first has an address
   uint64_t entries[512];
   while (fgets(line, sizeof line, maps) != nullptr) {
     uint64_t start = 0, end = 0;
-    if (sscanf(line, "%" SCNx64 "-%" SCNx64, &start, &end) != 2) continue;
+    char perms[8] = {0};
+    if (sscanf(line, "%" SCNx64 "-%" SCNx64 " %7s", &start, &end, perms) != 3) continue;
     if (strstr(line, "[vsyscall]") != nullptr) continue;  // not in pagemap's range on every kernel
+    if (strncmp(perms, "---", 3) == 0) continue;          // a reservation: nothing is mapped there
     for (uint64_t vpn = start / static_cast<uint64_t>(page); vpn < end / static_cast<uint64_t>(page);) {
       uint64_t n = std::min<uint64_t>(512, end / static_cast<uint64_t>(page) - vpn);
       ssize_t got = pread(pm, entries, n * sizeof(uint64_t), static_cast<off_t>(vpn * sizeof(uint64_t)));
@@ -43,6 +48,7 @@ bool for_each_frame(pid_t pid, const std::string& proc_root, F&& f) {
       for (uint64_t i = 0; i < n; i++) {
         if (!(entries[i] & kPresent)) continue;
         any_present = true;
+        if (entries[i] & kFileOrShared) continue;
         uint64_t pfn = entries[i] & kPfnMask;
         if (pfn == 0) continue;
         any_frame = true;

@@ -41,6 +41,7 @@ const char* metric_name(Metric m) {
 namespace {
 
 constexpr double kNever = -1e18;
+constexpr double kForkTimeoutS = 10;  // a fork server that takes longer to fork is stuck
 
 double now_s() {
   timespec ts;
@@ -111,6 +112,9 @@ struct Slot {
   unsigned quick_exits = 0;  // consecutive exits sooner than min_uptime
   bool retired = false;      // removed by TTOU: do not restart
   bool waiting = false;      // for the fork server to be ready
+  bool forking = false;      // a fork was asked of the fork server; its pid is to come
+  double fork_deadline = 0;  // ... by then
+  std::string fork_why;      // the reason to log when it comes
 };
 
 std::string fmt_worker(int id, pid_t pid) {
@@ -144,6 +148,8 @@ class Fleet {
   // ---- processes
   pid_t spawn(int id);
   void start_slot(Slot& s, const char* why);
+  void log_start(const Slot& s, const std::string& why);
+  void forked(int slot_id, pid_t pid);
   void stop(Worker& w, const std::string& reason);
   void reap();
   void on_exit(pid_t pid, int status);
@@ -173,6 +179,10 @@ class Fleet {
   bool on_zygote_exit(pid_t pid, int status);
   void zygote_failed(const std::string& why);
   void check_zygotes();
+  void take_over();  // a reload's fork server is ready: it replaces the running one
+  bool any_forking() const {
+    return std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.forking; });
+  }
   bool zygote_alive() const { return zygote_ && zygote_->pid() > 0; }
 
   const Options& o_;
@@ -202,7 +212,11 @@ class Fleet {
   bool zygote_was_ready_ = false;  // it served once: a death is restarted, not fatal
   unsigned zygote_quick_exits_ = 0;
   double zygote_restart_at_ = -1;
-  double zygote_closed_at_ = -1;  // shutting down: socket closed at this time
+  double zygote_closed_at_ = -1;        // shutting down: socket closed at this time
+  std::vector<pid_t> retired_zygotes_;  // replaced by a reload, not reaped yet
+  // Exits of children we did not know yet: a worker forked by the fork server
+  // can exit before its pid reaches us (the newest few are kept).
+  std::vector<std::pair<pid_t, int>> unknown_exits_;
   uint64_t zygote_mem_ = 0;
 
   FleetStatus snapshot() const;
@@ -267,24 +281,6 @@ Limits Fleet::draw() {
 }
 
 pid_t Fleet::spawn(int id) {
-  if (use_zygote_) {
-    std::string err;
-    pid_t pid = zygote_->fork_worker(id, {"EBB_WORKER_ID=" + std::to_string(id)}, 10, &err);
-    if (pid <= 0) {
-      // A fork server that cannot fork is no use: kill it; it is restarted.
-      log_.event("error", "fork server [pid " + std::to_string(zygote_->pid()) + "]: " + err + "; restarting it",
-                 {{"error", err}, {"zygote", zygote_->pid()}});
-      kill(zygote_->pid(), SIGKILL);
-      return -1;
-    }
-    Worker w;
-    w.id = id;
-    w.pid = pid;
-    w.started = now_s();
-    w.limits = draw();
-    workers_[pid] = w;
-    return pid;
-  }
   std::vector<std::string> env = o_.env;
   env.push_back("EBB_WORKER_ID=" + std::to_string(id));
   std::vector<std::string> args = o_.command;
@@ -326,12 +322,34 @@ void Fleet::start_slot(Slot& s, const char* why) {
     s.waiting = true;  // started when the fork server says it is ready
     return;
   }
+  if (use_zygote_) {
+    // Asked of the fork server; the worker is registered when its pid comes
+    // back (on_zygote_message), so the loop never waits for a fork.
+    std::string err;
+    s.pid = 0;  // a recycled worker still stopping is no longer the slot's
+    if (!zygote_->request_fork(s.id, {"EBB_WORKER_ID=" + std::to_string(s.id)}, &err)) {
+      log_.event("error", "fork server [pid " + std::to_string(zygote_->pid()) + "]: " + err + "; restarting it",
+                 {{"error", err}, {"zygote", zygote_->pid()}});
+      zygote_->kill_now();
+      s.waiting = true;
+      return;
+    }
+    s.forking = true;
+    s.fork_deadline = now_s() + kForkTimeoutS;
+    s.fork_why = why;
+    return;
+  }
   pid_t pid = spawn(s.id);
   if (pid < 0) {
     s.restart_at = now_s() + 1;
     return;
   }
   s.pid = pid;
+  log_start(s, why);
+}
+
+void Fleet::log_start(const Slot& s, const std::string& why) {
+  pid_t pid = s.pid;
   const Worker& w = workers_[pid];
   nlohmann::json f = {{"worker", s.id}, {"pid", pid}, {"reason", why}};
   std::string text = (o_.children ? "master [pid " + std::to_string(pid) + "]" : fmt_worker(s.id, pid)) + " started (" +
@@ -534,7 +552,13 @@ void Fleet::tick() {
 void Fleet::on_exit(pid_t pid, int status) {
   if (on_zygote_exit(pid, status)) return;
   auto it = workers_.find(pid);
-  if (it == workers_.end()) return;  // an orphan we reaped as subreaper
+  if (it == workers_.end()) {  // an orphan we reaped as subreaper, or a worker whose pid is still to come
+    if (use_zygote_) {
+      unknown_exits_.emplace_back(pid, status);
+      if (unknown_exits_.size() > 64) unknown_exits_.erase(unknown_exits_.begin());
+    }
+    return;
+  }
   Worker w = it->second;
   workers_.erase(it);
   double now = now_s();
@@ -621,7 +645,23 @@ void Fleet::on_zygote_message(std::unique_ptr<Zygote>& z, const nlohmann::json& 
   pid_t pid = z->pid();
   std::string who = "fork server [pid " + std::to_string(pid) + "]";
   bool reloading = &z == &next_zygote_;
+  if (event == "forked") {
+    forked(msg.value("id", -1), msg.value("pid", -1));
+    return;
+  }
+  if (event == "error" && msg.contains("id")) {  // one fork failed (EAGAIN...): try again in a second
+    int id = msg.value("id", -1);
+    for (Slot& sl : slots_)
+      if (sl.id == id && sl.forking) {
+        sl.forking = false;
+        sl.restart_at = now_s() + 1;
+      }
+    log_.event("error", who + ": fork of worker " + std::to_string(id) + " failed: " + msg.value("error", "?"),
+               {{"zygote", pid}, {"worker", id}});
+    return;
+  }
   if (event == "ready") {
+    if (z->reaped()) return;  // it said ready, then died before we read it: it serves nobody
     z->set_ready();
     std::string mods;
     for (const auto& m : msg.value("modules", nlohmann::json::array())) {
@@ -636,19 +676,11 @@ void Fleet::on_zygote_message(std::unique_ptr<Zygote>& z, const nlohmann::json& 
     for (const auto& w : msg.value("warnings", nlohmann::json::array()))
       log_.event("warning", who + ": " + w.get<std::string>(), {{"zygote", pid}, {"warning", w}});
     if (reloading) {
-      // The new code is imported: it takes over, and the workers are
-      // replaced from it, a few at a time (SIGHUP's rolling restart).
-      std::unique_ptr<Zygote> old = std::move(zygote_);
-      zygote_ = std::move(next_zygote_);
-      zygote_started_ = next_zygote_started_;
-      if (old) old->close_socket();  // it exits by itself
-      log_.event("reload", "the new fork server replaces the old one; rolling restart, " +
-                               std::to_string(o_.policy.max_recycling) + " at a time");
-      pending_reload_.clear();
-      for (auto& [wpid, w] : workers_) pending_reload_.push_back(wpid);
+      take_over();  // now, or once the forks asked of the old one are answered
       return;
     }
     zygote_was_ready_ = true;
+    zygote_restart_at_ = -1;
     for (Slot& s : slots_)
       if (s.waiting && !s.retired && !shutting_down_) start_slot(s, "initial");
     return;
@@ -698,7 +730,13 @@ void Fleet::zygote_failed(const std::string& why) {
 bool Fleet::on_zygote_exit(pid_t pid, int status) {
   std::string how = WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
                                       : "was killed by " + signame(WTERMSIG(status));
+  auto retired = std::find(retired_zygotes_.begin(), retired_zygotes_.end(), pid);
+  if (retired != retired_zygotes_.end()) {
+    retired_zygotes_.erase(retired);
+    return true;
+  }
   if (next_zygote_ && pid == next_zygote_->pid()) {
+    next_zygote_->set_reaped();
     on_zygote_readable(next_zygote_);  // its last words, if any (an import error)
     if (next_zygote_) {
       log_.event("error", "reload failed: the new fork server " + how + " before it was ready; the old one stays",
@@ -709,9 +747,15 @@ bool Fleet::on_zygote_exit(pid_t pid, int status) {
   }
   if (!zygote_ || pid != zygote_->pid()) return false;
   bool was_ready = zygote_->ready();
+  zygote_->set_reaped();
   on_zygote_readable(zygote_);  // its last words, if any (an import error)
   bool reported = zygote_->failed();
   zygote_->exited();
+  for (Slot& sl : slots_)
+    if (sl.forking) {  // its answer will not come: the next fork server starts it
+      sl.forking = false;
+      sl.waiting = true;
+    }
   double uptime = now_s() - zygote_started_;
   if (shutting_down_) {
     log_.event("zygote", "fork server [pid " + std::to_string(pid) + "] " + how, {{"zygote", pid}});
@@ -738,25 +782,38 @@ bool Fleet::on_zygote_exit(pid_t pid, int status) {
   return true;
 }
 
-// Restarts, import timeouts and the fork server's end at shutdown.
+// Fork and import timeouts, restarts, a reload's takeover, and the fork
+// server's end at shutdown.
 void Fleet::check_zygotes() {
   double now = now_s();
+  for (const Slot& sl : slots_)
+    if (sl.forking && now > sl.fork_deadline && zygote_alive()) {
+      log_.event("error",
+                 "fork server [pid " + std::to_string(zygote_->pid()) + "] did not fork worker " +
+                     std::to_string(sl.id) + " within " + seconds(kForkTimeoutS) + ": killing it",
+                 {{"zygote", zygote_->pid()}, {"worker", sl.id}});
+      zygote_->kill_now();  // its exit puts the slots back to waiting
+      break;
+    }
   if (shutting_down_) {
     if (next_zygote_) {
-      kill(next_zygote_->pid(), SIGKILL);
+      next_zygote_->kill_now();
+      if (next_zygote_->pid() > 0) retired_zygotes_.push_back(next_zygote_->pid());
       next_zygote_.reset();
     }
-    if (workers_.empty() && zygote_alive()) {
+    zygote_restart_at_ = -1;
+    if (workers_.empty() && zygote_alive() && !any_forking()) {
       if (zygote_closed_at_ < 0) {
         zygote_closed_at_ = now;
-        zygote_->close_socket();                               // a ready fork server exits on EOF
-        if (!zygote_->ready()) kill(zygote_->pid(), SIGKILL);  // still importing: nothing to finish
+        zygote_->close_socket();                     // a ready fork server exits on EOF
+        if (!zygote_->ready()) zygote_->kill_now();  // still importing: nothing to finish
       } else if (now - zygote_closed_at_ > 5) {
-        kill(zygote_->pid(), SIGKILL);
+        zygote_->kill_now();
       }
     }
     return;
   }
+  take_over();
   if (use_zygote_ && !zygote_alive() && zygote_restart_at_ >= 0 && now >= zygote_restart_at_) {
     zygote_restart_at_ = -1;
     if (!start_zygote(zygote_, "restart")) zygote_restart_at_ = now + 5;
@@ -769,9 +826,63 @@ void Fleet::check_zygotes() {
                      seconds(o_.preload_timeout_s) + " (--preload-timeout): killing it",
                  {{"zygote", (*z)->pid()}});
       (*z)->close_socket();
-      kill((*z)->pid(), SIGKILL);
+      (*z)->kill_now();
       if (z == &zygote_) zygote_failed("import timeout");
     }
+  }
+}
+
+void Fleet::take_over() {
+  if (!next_zygote_ || !next_zygote_->ready() || any_forking()) return;
+  // The new code is imported: it takes over, and the workers are replaced
+  // from it, a few at a time (SIGHUP's rolling restart).
+  std::unique_ptr<Zygote> old = std::move(zygote_);
+  zygote_ = std::move(next_zygote_);
+  zygote_started_ = next_zygote_started_;
+  if (old && old->pid() > 0) {
+    old->close_socket();                     // a ready one exits by itself
+    if (!old->ready()) old->kill_now();      // one still importing (or hung) goes now
+    retired_zygotes_.push_back(old->pid());  // reaped as such, not as a worker
+  }
+  log_.event("reload", "the new fork server replaces the old one; rolling restart, " +
+                           std::to_string(o_.policy.max_recycling) + " at a time");
+  pending_reload_.clear();
+  for (auto& [wpid, w] : workers_) pending_reload_.push_back(wpid);
+  zygote_was_ready_ = true;
+  zygote_restart_at_ = -1;
+  zygote_quick_exits_ = 0;
+  for (Slot& s : slots_)
+    if (s.waiting && !s.retired && !shutting_down_) start_slot(s, "initial");
+}
+
+// The fork server forked the worker of a slot: it is ours now.
+void Fleet::forked(int slot_id, pid_t pid) {
+  if (pid <= 0) return;
+  auto slot = std::find_if(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.id == slot_id && s.forking; });
+  Worker w;
+  w.id = slot_id;
+  w.pid = pid;
+  w.started = now_s();
+  w.limits = draw();
+  workers_[pid] = w;
+  if (slot == slots_.end()) {  // nobody asked for it (any more): it must not run unsupervised
+    log_.event("error", fmt_worker(slot_id, pid) + " forked for no request; stopping it", {{"pid", pid}});
+    stop(workers_[pid], "unrequested");
+  } else {
+    slot->forking = false;
+    slot->pid = pid;
+    log_start(*slot, slot->fork_why);
+    if (shutting_down_)
+      stop(workers_[pid], "shutdown");
+    else if (slot->retired)
+      stop(workers_[pid], "SIGTTOU");
+  }
+  // It may have exited before its pid reached us.
+  auto e = std::find_if(unknown_exits_.begin(), unknown_exits_.end(), [&](const auto& x) { return x.first == pid; });
+  if (e != unknown_exits_.end()) {
+    int status = e->second;
+    unknown_exits_.erase(e);
+    on_exit(pid, status);
   }
 }
 
@@ -912,10 +1023,12 @@ void Fleet::continue_reload() {
 double Fleet::next_wakeup() const {
   double t = next_tick_;
   for (const Slot& s : slots_)
-    if (s.restart_at >= 0) t = std::min(t, s.restart_at);
+    if (s.restart_at >= 0 && !shutting_down_ && !s.retired) t = std::min(t, s.restart_at);
   for (const auto& [pid, w] : workers_)
     if (w.stopping && !w.killed) t = std::min(t, w.stop_sent + o_.grace_s);
-  if (zygote_restart_at_ >= 0) t = std::min(t, zygote_restart_at_);
+  for (const Slot& s : slots_)
+    if (s.forking) t = std::min(t, s.fork_deadline);
+  if (zygote_restart_at_ >= 0 && use_zygote_ && !shutting_down_ && !zygote_alive()) t = std::min(t, zygote_restart_at_);
   return t;
 }
 
@@ -974,6 +1087,11 @@ int Fleet::run() {
     use_zygote_ = true;
     if (!start_zygote(zygote_, "initial")) {
       close(sfd);
+      if (status_fd >= 0) {
+        close(status_fd);
+        unlink(o_.status_socket.c_str());
+      }
+      if (metrics_fd >= 0) close(metrics_fd);
       return 1;
     }
   }

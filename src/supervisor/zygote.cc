@@ -2,14 +2,11 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
-#include <cmath>
 #include <cstring>
 #include <fstream>
 
@@ -53,12 +50,6 @@ std::string which(const std::string& name) {
     at = colon + 1;
   }
   return "";
-}
-
-double now_s() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) / 1e9;
 }
 
 }  // namespace
@@ -229,10 +220,10 @@ std::optional<nlohmann::json> Zygote::receive() {
   }
 }
 
-pid_t Zygote::fork_worker(int id, const std::vector<std::string>& env, double timeout_s, std::string* err) {
+bool Zygote::request_fork(int id, const std::vector<std::string>& env, std::string* err) {
   if (fd_ < 0) {
     *err = "the fork server is not running";
-    return -1;
+    return false;
   }
   nlohmann::json req = {{"op", "fork"}, {"id", id}, {"env", nlohmann::json::object()}};
   for (const auto& kv : env) {
@@ -240,34 +231,11 @@ pid_t Zygote::fork_worker(int id, const std::vector<std::string>& env, double ti
     if (eq != std::string::npos) req["env"][kv.substr(0, eq)] = kv.substr(eq + 1);
   }
   std::string text = req.dump();
-  if (send(fd_, text.data(), text.size(), MSG_NOSIGNAL) < 0) {
+  if (send(fd_, text.data(), text.size(), MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
     *err = std::string("cannot reach the fork server: ") + strerror(errno);
-    return -1;
+    return false;
   }
-  double deadline = now_s() + timeout_s;
-  for (;;) {
-    double left = deadline - now_s();
-    if (left <= 0) {
-      *err = "the fork server did not answer within " + std::to_string(static_cast<int>(timeout_s)) + "s";
-      return -1;
-    }
-    pollfd p = {fd_, POLLIN, 0};
-    int r = poll(&p, 1, static_cast<int>(std::ceil(left * 1000)));
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) continue;
-    auto msg = receive();
-    if (!msg) {
-      *err = "the fork server closed its socket";
-      return -1;
-    }
-    if (msg->is_null()) continue;
-    std::string event = msg->value("event", "");
-    if (event == "forked" && msg->value("id", -1) == id) return msg->value("pid", -1);
-    if (event == "error") {
-      *err = msg->value("error", "unknown error");
-      return -1;
-    }
-  }
+  return true;
 }
 
 void Zygote::close_socket() {
@@ -279,6 +247,11 @@ void Zygote::exited() {
   close_socket();
   pid_ = 0;
   ready_ = false;
+  reaped_ = true;
+}
+
+void Zygote::kill_now() {
+  if (pid_ > 0 && !reaped_) kill(pid_, SIGKILL);
 }
 
 }  // namespace ebb::supervisor

@@ -49,9 +49,11 @@ class Zygote {
   // socket is closed (the zygote is gone).
   std::optional<nlohmann::json> receive();
 
-  // Asks for a worker and waits for its pid (at most `timeout_s`). -1 with
-  // *err if the zygote answered with an error, or not at all.
-  pid_t fork_worker(int id, const std::vector<std::string>& env, double timeout_s, std::string* err);
+  // Asks for a worker for slot `id`, with `env` ("NAME=value") added to its
+  // environment. The answer comes later as a message: {"event": "forked",
+  // "id", "pid"}, or {"event": "error", "id", "error"}. False with *err if
+  // the request cannot be sent.
+  bool request_fork(int id, const std::vector<std::string>& env, std::string* err);
 
   // Closes the socket: the zygote exits by itself.
   void close_socket();
@@ -65,12 +67,18 @@ class Zygote {
   void set_failed() { failed_ = true; }
   // The zygote was reaped: forget it.
   void exited();
+  // Reaped, its last messages not read yet: they can no longer make it ready.
+  bool reaped() const { return reaped_; }
+  void set_reaped() { reaped_ = true; }
+  // SIGKILL, unless it was reaped (its pid may belong to another process now).
+  void kill_now();
 
  private:
   pid_t pid_ = 0;
   int fd_ = -1;
   bool ready_ = false;
   bool failed_ = false;
+  bool reaped_ = false;
 };
 
 }  // namespace ebb::supervisor

@@ -307,3 +307,78 @@ def test_ps_fleet_shows_what_workers_share_with_the_fork_server(zfleet, app_dir,
         metrics = r.read().decode()
     assert "ebb_zygote_memory_bytes " in metrics and "ebb_zygote_restarts_total 0" in metrics
     assert f.stop() == 0
+
+
+def test_what_preloaded_modules_set_at_import_reaches_the_workers(zfleet, app_dir):
+    """A signal handler installed and the collector turned off by a preloaded
+    module at import are what the worker has, as in a plain run."""
+    (app_dir / "setup_app.py").write_text(
+        "import gc, signal\n"
+        "def graceful(signum, frame): pass\n"
+        "signal.signal(signal.SIGTERM, graceful)\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "gc.disable()\n")
+    (app_dir / "check.py").write_text(
+        "import gc, json, signal, setup_app\n"
+        "print(json.dumps({'term': getattr(signal.getsignal(signal.SIGTERM), '__name__', None),\n"
+        "                  'hup_ignored': signal.getsignal(signal.SIGHUP) == signal.SIG_IGN, 'gc': gc.isenabled()}), flush=True)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "signal.pause()\n")
+    f = zfleet(["--preload", "setup_app", *FAST], [PY, "check.py"], cwd=str(app_dir))
+    got = reports(f, 1)[0]
+    assert got == {"term": "graceful", "hup_ignored": True, "gc": False}, got
+    assert f.stop() == 0
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_hup_while_the_first_import_hangs_starts_the_workers(zfleet, app_dir):
+    """The app hangs at import; the code is fixed and ebb gets SIGHUP: the new
+    fork server starts every worker, the hung one is killed, and ebb idles
+    (no busy loop) afterwards."""
+    (app_dir / "flag").write_text("")
+    (app_dir / "slow.py").write_text("import os, time\nif os.path.exists('flag'):\n    time.sleep(3600)\n")
+    f = zfleet(["-w", "2", "--preload", "slow", *FAST], [PY, "report.py"], env={"REPORT_WAIT": "1"},
+               cwd=str(app_dir))
+    hung = f.wait_for("zygote")[0]["zygote"]
+    time.sleep(0.5)
+    assert not f.of("start")
+    (app_dir / "flag").unlink()
+    f.proc.send_signal(signal.SIGHUP)
+    got = reports(f, 2)
+    assert sorted(r["worker"] for r in got) == ["1", "2"]
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{hung}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{hung}"), "the hung fork server was killed"
+    before = cpu_seconds(f.proc.pid)
+    time.sleep(2)
+    assert cpu_seconds(f.proc.pid) - before < 0.5, "ebb spins while the fleet is idle"
+    assert f.stop() == 0
+
+
+def test_a_stuck_fork_server_blocks_nothing_and_is_replaced(zfleet, app_dir, ebb_bin, tmp_path):
+    """The fork server stops answering (SIGSTOP) while a worker must be
+    replaced: ebb keeps answering its status socket, kills the fork server
+    after the fork timeout, and the next one starts the worker."""
+    sock = str(tmp_path / "st.sock")
+    f = zfleet(["--preload", "heavy", "--status-socket", sock, *FAST], [PY, "report.py"],
+               env={"REPORT_WAIT": "1"}, cwd=str(app_dir))
+    first = reports(f, 1)[0]
+    zygote = f.wait_for("ready")[0]["zygote"]
+    os.kill(zygote, signal.SIGSTOP)
+    os.kill(first["pid"], signal.SIGKILL)
+    f.wait_for("exit", pid=first["pid"])
+    time.sleep(0.5)
+    r = subprocess.run([ebb_bin, "ps", "--fleet", sock, "--json"], capture_output=True, text=True, timeout=5)
+    assert r.returncode == 0 and json.loads(r.stdout)["workers"] == []  # answered while the fork is pending
+    err = f.wait_for("error", timeout=30)[0]
+    assert "did not fork worker 1" in err["message"]
+    got = reports(f, 2, timeout=30)
+    assert got[1]["pid"] != first["pid"] and got[1]["preloaded"]
+    assert f.wait_for("ready", count=2)[1]["zygote"] != zygote
+    assert f.stop() == 0

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 import signal
 import subprocess
 import sys
