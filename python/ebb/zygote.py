@@ -51,11 +51,14 @@ gc.disable()
 
 
 def _fail(conn, msg):
+    """Sends one message to ebb; False if it could not be sent."""
     if conn is not None:
         try:
             conn.send(json.dumps(msg).encode())
+            return True
         except OSError:
             pass
+    return False
 
 
 def _parse(argv):
@@ -314,38 +317,53 @@ def _serve(opts, conn):
         if request.get("op") != "fork":
             _fail(conn, {"event": "error", "error": f"unknown request {request!r}"})
             continue
-        r, w = os.pipe()
+        r, w = os.pipe()  # the middle process tells us the worker's pid
+        go_r, go_w = os.pipe()  # we tell the worker that ebb knows its pid
         try:
             middle = os.fork()
         except OSError as e:  # EAGAIN under a pids limit, ENOMEM: ebb retries later
-            os.close(r)
-            os.close(w)
+            for fd in (r, w, go_r, go_w):
+                os.close(fd)
             _fail(conn, {"event": "error", "id": request.get("id"), "error": f"fork: {e}"})
             continue
         if middle == 0:
-            os.close(r)
             try:
+                os.close(r)
+                os.close(go_w)  # only the fork server may say "go"
                 worker = os.fork()
             except OSError:
                 os._exit(1)  # nothing written: the fork server reports the failure
             if worker == 0:
                 os.close(w)
+                # Wait until the fork server has told ebb our pid. If it dies
+                # first (ebb killed it), ebb would never know us: leave before
+                # any of the app's code runs.
+                if os.read(go_r, 1) != b"g":
+                    os._exit(1)
+                os.close(go_r)
                 _become_worker(opts, conn, request)
                 return
             try:
                 os.setpgid(worker, worker)  # before ebb can signal the group
             except OSError:
                 pass
-            os.write(w, str(worker).encode())
-            os._exit(0)
+            try:
+                os.write(w, str(worker).encode())
+            finally:
+                os._exit(0)
         os.close(w)
+        os.close(go_r)
         pid_text = os.read(r, 32)
         os.close(r)
         os.waitpid(middle, 0)
+        told = False
         if pid_text:
-            _fail(conn, {"event": "forked", "id": request.get("id"), "pid": int(pid_text)})
+            told = _fail(conn, {"event": "forked", "id": request.get("id"), "pid": int(pid_text)})
         else:
             _fail(conn, {"event": "error", "id": request.get("id"), "error": "fork failed"})
+        if told:
+            os.write(go_w, b"g")
+        os.close(go_w)
 
 
 def main():

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -113,8 +114,9 @@ struct Slot {
   bool retired = false;      // removed by TTOU: do not restart
   bool waiting = false;      // for the fork server to be ready
   bool forking = false;      // a fork was asked of the fork server; its pid is to come
-  double fork_deadline = 0;  // ... by then
-  std::string fork_why;      // the reason to log when it comes
+  double fork_deadline = 0;  // ... by then (pushed back each time the fork server answers)
+  double fork_asked_at = 0;
+  std::string fork_why;  // the reason to log when it comes
 };
 
 std::string fmt_worker(int id, pid_t pid) {
@@ -180,6 +182,19 @@ class Fleet {
   void zygote_failed(const std::string& why);
   void check_zygotes();
   void take_over();  // a reload's fork server is ready: it replaces the running one
+  // Forks are served one at a time: a request queued behind others has as
+  // long as they take, so deadlines move with the fork server's progress.
+  double latest_fork_deadline() const {
+    double t = 0;
+    for (const Slot& s : slots_)
+      if (s.forking) t = std::max(t, s.fork_deadline);
+    return t;
+  }
+  void fork_progress() {
+    for (Slot& s : slots_)
+      if (s.forking) s.fork_deadline = std::max(s.fork_deadline, now_s() + kForkTimeoutS);
+  }
+  bool kill_all_ = false;  // a second TERM/INT: no more graceful stops
   bool any_forking() const {
     return std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.forking; });
   }
@@ -216,7 +231,12 @@ class Fleet {
   std::vector<pid_t> retired_zygotes_;  // replaced by a reload, not reaped yet
   // Exits of children we did not know yet: a worker forked by the fork server
   // can exit before its pid reaches us (the newest few are kept).
-  std::vector<std::pair<pid_t, int>> unknown_exits_;
+  struct UnknownExit {
+    pid_t pid;
+    int status;
+    double when;
+  };
+  std::vector<UnknownExit> unknown_exits_;
   uint64_t zygote_mem_ = 0;
 
   FleetStatus snapshot() const;
@@ -328,6 +348,10 @@ void Fleet::start_slot(Slot& s, const char* why) {
     std::string err;
     s.pid = 0;  // a recycled worker still stopping is no longer the slot's
     if (!zygote_->request_fork(s.id, {"EBB_WORKER_ID=" + std::to_string(s.id)}, &err)) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {  // its queue is full (hundreds of slots at once): later
+        s.restart_at = now_s() + 0.1;
+        return;
+      }
       log_.event("error", "fork server [pid " + std::to_string(zygote_->pid()) + "]: " + err + "; restarting it",
                  {{"error", err}, {"zygote", zygote_->pid()}});
       zygote_->kill_now();
@@ -335,7 +359,8 @@ void Fleet::start_slot(Slot& s, const char* why) {
       return;
     }
     s.forking = true;
-    s.fork_deadline = now_s() + kForkTimeoutS;
+    s.fork_asked_at = now_s();
+    s.fork_deadline = std::max(s.fork_asked_at + kForkTimeoutS, latest_fork_deadline());
     s.fork_why = why;
     return;
   }
@@ -554,7 +579,7 @@ void Fleet::on_exit(pid_t pid, int status) {
   auto it = workers_.find(pid);
   if (it == workers_.end()) {  // an orphan we reaped as subreaper, or a worker whose pid is still to come
     if (use_zygote_) {
-      unknown_exits_.emplace_back(pid, status);
+      unknown_exits_.push_back({pid, status, now_s()});
       if (unknown_exits_.size() > 64) unknown_exits_.erase(unknown_exits_.begin());
     }
     return;
@@ -650,6 +675,7 @@ void Fleet::on_zygote_message(std::unique_ptr<Zygote>& z, const nlohmann::json& 
     return;
   }
   if (event == "error" && msg.contains("id")) {  // one fork failed (EAGAIN...): try again in a second
+    fork_progress();
     int id = msg.value("id", -1);
     for (Slot& sl : slots_)
       if (sl.id == id && sl.forking) {
@@ -695,7 +721,8 @@ void Fleet::on_zygote_message(std::unique_ptr<Zygote>& z, const nlohmann::json& 
     if (reloading) {
       log_.event("error", "reload failed: " + who + " " + text + "; the running fork server and workers stay", f);
       z->close_socket();
-      z.reset();  // its exit is reaped as an unknown child
+      if (z->pid() > 0) retired_zygotes_.push_back(z->pid());  // its exit is expected
+      z.reset();
       return;
     }
     log_.event("error", who + ": " + text, f);
@@ -787,12 +814,14 @@ bool Fleet::on_zygote_exit(pid_t pid, int status) {
 void Fleet::check_zygotes() {
   double now = now_s();
   for (const Slot& sl : slots_)
-    if (sl.forking && now > sl.fork_deadline && zygote_alive()) {
+    if (sl.forking && now > sl.fork_deadline && zygote_alive() && !zygote_->reaped()) {
       log_.event("error",
                  "fork server [pid " + std::to_string(zygote_->pid()) + "] did not fork worker " +
                      std::to_string(sl.id) + " within " + seconds(kForkTimeoutS) + ": killing it",
                  {{"zygote", zygote_->pid()}, {"worker", sl.id}});
       zygote_->kill_now();  // its exit puts the slots back to waiting
+      for (Slot& other : slots_)
+        if (other.forking) other.fork_deadline = std::numeric_limits<double>::infinity();  // killed once
       break;
     }
   if (shutting_down_) {
@@ -858,31 +887,43 @@ void Fleet::take_over() {
 // The fork server forked the worker of a slot: it is ours now.
 void Fleet::forked(int slot_id, pid_t pid) {
   if (pid <= 0) return;
+  fork_progress();
   auto slot = std::find_if(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.id == slot_id && s.forking; });
+  // It may have exited (and been reaped) before its pid reached us: only an
+  // exit seen after the request can be its own (pids are reused).
+  double asked = slot != slots_.end() ? slot->fork_asked_at : now_s() - kForkTimeoutS;
+  auto e = std::find_if(unknown_exits_.begin(), unknown_exits_.end(),
+                        [&](const UnknownExit& x) { return x.pid == pid && x.when >= asked; });
   Worker w;
   w.id = slot_id;
   w.pid = pid;
   w.started = now_s();
   w.limits = draw();
   workers_[pid] = w;
-  if (slot == slots_.end()) {  // nobody asked for it (any more): it must not run unsupervised
-    log_.event("error", fmt_worker(slot_id, pid) + " forked for no request; stopping it", {{"pid", pid}});
-    stop(workers_[pid], "unrequested");
-  } else {
+  if (slot != slots_.end()) {
     slot->forking = false;
     slot->pid = pid;
     log_start(*slot, slot->fork_why);
-    if (shutting_down_)
-      stop(workers_[pid], "shutdown");
-    else if (slot->retired)
-      stop(workers_[pid], "SIGTTOU");
   }
-  // It may have exited before its pid reached us.
-  auto e = std::find_if(unknown_exits_.begin(), unknown_exits_.end(), [&](const auto& x) { return x.first == pid; });
   if (e != unknown_exits_.end()) {
-    int status = e->second;
+    int status = e->status;
     unknown_exits_.erase(e);
     on_exit(pid, status);
+    return;
+  }
+  Worker& live = workers_[pid];
+  const char* reason = slot == slots_.end() ? "unrequested"
+                       : shutting_down_     ? "shutdown"
+                       : slot->retired      ? "SIGTTOU"
+                                            : nullptr;
+  if (reason == nullptr) return;
+  if (slot == slots_.end())
+    log_.event("error", fmt_worker(slot_id, pid) + " forked for no request; stopping it", {{"pid", pid}});
+  stop(live, reason);
+  if (kill_all_) {
+    live.killed = true;
+    kill(-pid, SIGKILL);
+    kill(pid, SIGKILL);
   }
 }
 
@@ -902,6 +943,7 @@ void Fleet::begin_shutdown(const char* why) {
     if (now_s() - shutdown_at_ < 1.0) return;
     // A second TERM/INT: do not wait for the grace period.
     log_.event("shutdown", std::string(why) + " again: killing every worker now");
+    kill_all_ = true;
     for (auto& [pid, w] : workers_) {
       w.killed = true;
       kill(-pid, SIGKILL);
@@ -1023,7 +1065,7 @@ void Fleet::continue_reload() {
 double Fleet::next_wakeup() const {
   double t = next_tick_;
   for (const Slot& s : slots_)
-    if (s.restart_at >= 0 && !shutting_down_ && !s.retired) t = std::min(t, s.restart_at);
+    if (s.restart_at >= 0 && s.pid == 0 && !shutting_down_ && !s.retired) t = std::min(t, s.restart_at);
   for (const auto& [pid, w] : workers_)
     if (w.stopping && !w.killed) t = std::min(t, w.stop_sent + o_.grace_s);
   for (const Slot& s : slots_)

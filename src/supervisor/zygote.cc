@@ -223,6 +223,7 @@ std::optional<nlohmann::json> Zygote::receive() {
 bool Zygote::request_fork(int id, const std::vector<std::string>& env, std::string* err) {
   if (fd_ < 0) {
     *err = "the fork server is not running";
+    errno = EPIPE;
     return false;
   }
   nlohmann::json req = {{"op", "fork"}, {"id", id}, {"env", nlohmann::json::object()}};
@@ -232,7 +233,9 @@ bool Zygote::request_fork(int id, const std::vector<std::string>& env, std::stri
   }
   std::string text = req.dump();
   if (send(fd_, text.data(), text.size(), MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
-    *err = std::string("cannot reach the fork server: ") + strerror(errno);
+    int e = errno;
+    *err = std::string("cannot reach the fork server: ") + strerror(e);
+    errno = e;  // the caller tells a full queue (EAGAIN) from a gone server
     return false;
   }
   return true;
