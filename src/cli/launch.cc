@@ -4,6 +4,8 @@
 
 #include <cstdlib>
 
+#include "exec.h"
+
 extern char** environ;
 
 namespace ebb::cli {
@@ -79,20 +81,7 @@ std::string python_package_dir(std::string* why) {
   return "";
 }
 
-bool runnable(const std::string& cmd) {
-  if (cmd.find('/') != std::string::npos) return access(cmd.c_str(), X_OK) == 0;
-  const char* path = getenv("PATH");
-  std::string dirs = path != nullptr ? path : "/usr/bin:/bin";
-  size_t at = 0;
-  while (at <= dirs.size()) {
-    size_t colon = dirs.find(':', at);
-    std::string dir = dirs.substr(at, colon == std::string::npos ? std::string::npos : colon - at);
-    if (access(((dir.empty() ? "." : dir) + "/" + cmd).c_str(), X_OK) == 0) return true;
-    if (colon == std::string::npos) break;
-    at = colon + 1;
-  }
-  return false;
-}
+bool runnable(const std::string& cmd) { return !proc::which(cmd).empty(); }
 
 std::vector<std::string> child_environment(const Allocator& a, const std::vector<std::string>& extra) {
   std::vector<std::string> env;

@@ -149,6 +149,7 @@ class Fleet {
  private:
   // ---- processes
   pid_t spawn(int id);
+  Worker& add_worker(int id, pid_t pid);
   void start_slot(Slot& s, const char* why);
   void log_start(const Slot& s, const std::string& why);
   void forked(int slot_id, pid_t pid);
@@ -300,6 +301,17 @@ Limits Fleet::draw() {
   return draw_limits(o_.policy, a, b, c);
 }
 
+// A new worker, with its limits drawn now.
+Worker& Fleet::add_worker(int id, pid_t pid) {
+  Worker& w = workers_[pid];
+  w = Worker{};
+  w.id = id;
+  w.pid = pid;
+  w.started = now_s();
+  w.limits = draw();
+  return w;
+}
+
 pid_t Fleet::spawn(int id) {
   std::vector<std::string> env = o_.env;
   env.push_back("EBB_WORKER_ID=" + std::to_string(id));
@@ -311,27 +323,9 @@ pid_t Fleet::spawn(int id) {
     log_.event("error", std::string("fork failed: ") + strerror(errno), {{"error", strerror(errno)}});
     return -1;
   }
-  if (pid == 0) {
-    // Own process group: a terminal's ^C reaches ebb, which stops the
-    // workers gracefully, not the workers in the middle of a task.
-    setpgid(0, 0);
-    // If ebb dies without stopping us, stop gracefully rather than linger.
-    prctl(PR_SET_PDEATHSIG, o_.stop_signal);
-    if (getppid() != ppid) raise(o_.stop_signal);
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, nullptr);
-    execvpe(argv[0], argv.data(), envp.data());
-    dprintf(STDERR_FILENO, "ebb run: cannot run %s: %s\n", argv[0], strerror(errno));
-    _exit(127);
-  }
+  if (pid == 0) proc::exec_supervised(argv, envp, o_.stop_signal, ppid);  // if ebb dies: stop gracefully
   setpgid(pid, pid);  // also here, so the group exists before we signal it
-  Worker w;
-  w.id = id;
-  w.pid = pid;
-  w.started = now_s();
-  w.limits = draw();
-  workers_[pid] = w;
+  add_worker(id, pid);
   return pid;
 }
 
@@ -467,12 +461,7 @@ void Fleet::discover_children(const proc::ChildMap& children) {
   for (auto it = range.first; it != range.second; ++it) {
     pid_t pid = it->second;
     if (workers_.count(pid)) continue;
-    Worker w;
-    w.id = next_child_id_++;
-    w.pid = pid;
-    w.started = now_s();
-    w.limits = draw();
-    workers_[pid] = w;
+    const Worker& w = add_worker(next_child_id_++, pid);
     log_.event("adopt", fmt_worker(w.id, pid) + " found (a child of the master)", {{"worker", w.id}, {"pid", pid}});
   }
   // Children that left without being reaped by us (the master reaped them).
@@ -894,12 +883,7 @@ void Fleet::forked(int slot_id, pid_t pid) {
   double asked = slot != slots_.end() ? slot->fork_asked_at : now_s() - kForkTimeoutS;
   auto e = std::find_if(unknown_exits_.begin(), unknown_exits_.end(),
                         [&](const UnknownExit& x) { return x.pid == pid && x.when >= asked; });
-  Worker w;
-  w.id = slot_id;
-  w.pid = pid;
-  w.started = now_s();
-  w.limits = draw();
-  workers_[pid] = w;
+  add_worker(slot_id, pid);
   if (slot != slots_.end()) {
     slot->forking = false;
     slot->pid = pid;

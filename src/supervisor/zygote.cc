@@ -35,23 +35,6 @@ bool is_python_name(const std::string& path) {
 // Interpreter options that take a value: -W arg, -X opt (or -Warg, -Xopt).
 bool takes_value(char c) { return c == 'W' || c == 'X' || c == 'Q'; }
 
-// `name` on PATH (or itself when it has a slash); empty when not found.
-std::string which(const std::string& name) {
-  if (name.find('/') != std::string::npos) return access(name.c_str(), X_OK) == 0 ? name : "";
-  const char* path = getenv("PATH");
-  std::string dirs = path != nullptr ? path : "/usr/bin:/bin";
-  size_t at = 0;
-  while (at <= dirs.size()) {
-    size_t colon = dirs.find(':', at);
-    std::string dir = dirs.substr(at, colon == std::string::npos ? std::string::npos : colon - at);
-    std::string full = (dir.empty() ? "." : dir) + "/" + name;
-    if (access(full.c_str(), X_OK) == 0) return full;
-    if (colon == std::string::npos) break;
-    at = colon + 1;
-  }
-  return "";
-}
-
 }  // namespace
 
 std::optional<PythonCommand> split_python_argv(const std::vector<std::string>& argv, std::string* why) {
@@ -127,7 +110,7 @@ std::optional<PythonCommand> python_command(const std::vector<std::string>& argv
   }
   if (is_python_name(argv[0])) return split_python_argv(argv, why);
   // A script run directly: its first line says which interpreter.
-  std::string path = which(argv[0]);
+  std::string path = proc::which(argv[0]);
   std::string line;
   if (!path.empty()) {
     std::ifstream f(path, std::ios::binary);
@@ -185,16 +168,8 @@ bool Zygote::start(const PythonCommand& cmd, const std::vector<std::string>& mod
     return false;
   }
   if (pid == 0) {
-    setpgid(0, 0);                     // like a worker: a terminal's ^C goes to ebb only
-    prctl(PR_SET_PDEATHSIG, SIGKILL);  // it holds no work: nothing to finish
-    if (getppid() != ppid) _exit(1);
-    fcntl(sv[1], F_SETFD, 0);  // the zygote's end survives exec
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, nullptr);
-    execvpe(argv[0], argv.data(), envp.data());
-    dprintf(STDERR_FILENO, "ebb run: cannot run %s: %s\n", argv[0], strerror(errno));
-    _exit(127);
+    fcntl(sv[1], F_SETFD, 0);                          // the zygote's end survives exec
+    proc::exec_supervised(argv, envp, SIGKILL, ppid);  // it holds no work: nothing to finish
   }
   ::close(sv[1]);
   setpgid(pid, pid);

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from test_run import (APPS, FAST, LEAKER, PY, PYTHON_DIR, Fleet, assert_exactly_once, celery_task,  # noqa: F401
+from test_run import (APPS, FAST, LEAKER, PY, PYTHON_DIR, assert_exactly_once, celery_task, fleet,  # noqa: F401
                       redis_url)
 
 # A worker that reports how it was started, as JSON on one stdout line.
@@ -49,19 +49,9 @@ def app_dir(tmp_path):
 
 
 @pytest.fixture
-def zfleet(ebb_bin, ebb_lib):
-    started = []
-
-    def start(options, command, env=None, cwd=None):
-        f = Fleet(ebb_bin, ebb_lib, options, [], env, cwd=cwd, command=command)
-        started.append(f)
-        return f
-
-    yield start
-    for f in started:
-        if f.proc.poll() is None:
-            f.proc.kill()
-            f.proc.wait()
+def zfleet(fleet):
+    """`fleet` (test_run.py) for a whole worker COMMAND run in a directory."""
+    return lambda options, command, env=None, cwd=None: fleet(options, [], env, command=command, cwd=cwd)
 
 
 def reports(f, count, timeout=20):

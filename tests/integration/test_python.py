@@ -10,6 +10,7 @@ PY = "/usr/bin/python3"
 PYTHON_DIR = str(Path(__file__).resolve().parents[2] / "python")
 sys.path.insert(0, PYTHON_DIR)
 import ebb  # noqa: E402
+from test_run import redis_url  # noqa: E402,F401 - a private redis-server fixture
 
 
 def run(code, env):
@@ -133,40 +134,22 @@ def test_gunicorn_hooks_freeze_the_preloaded_app_and_reenable_gc_in_workers(tmp_
 
 
 @pytest.mark.parametrize("freeze", [True, False], ids=["freeze_before_fork", "plain"])
-def test_celery_freeze_before_fork_in_a_real_prefork_pool(tmp_path, freeze):
+def test_celery_freeze_before_fork_in_a_real_prefork_pool(tmp_path, redis_url, freeze):  # noqa: F811
     """Celery's prefork pool (2 processes) with and without ebb.celery.freeze_before_fork():
     with it, every pool process runs its collector over a frozen heap; without it nothing is frozen."""
     import json
-    import socket
     import time
-    if not os.path.exists("/usr/bin/redis-server"):
-        pytest.skip("redis-server not installed (scripts/install-deps installs it)")
     import redis
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(["/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
+    url = redis_url
     r = redis.Redis.from_url(url)
     apps = str(Path(__file__).resolve().parent / "apps")
     e = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("PYTHON")}
     e.update(PYTHONPATH=f"{apps}:{PYTHON_DIR}", EBB_TEST_REDIS=url, EBB_TEST_FREEZE="1" if freeze else "0")
-    worker = None
+    log = tmp_path / "celery.log"
+    worker = subprocess.Popen([PY, "-m", "celery", "-A", "celery_freeze_app", "worker", "-P", "prefork", "-c", "2",
+                               "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"],
+                              env=e, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                r.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        log = tmp_path / "celery.log"
-        worker = subprocess.Popen([PY, "-m", "celery", "-A", "celery_freeze_app", "worker", "-P", "prefork", "-c",
-                                   "2", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l",
-                                   "warning"], env=e, stdout=log.open("w"), stderr=subprocess.STDOUT)
         code = (f"import sys; sys.path.insert(0, {apps!r}); import celery_freeze_app as a\n"
                 "for _ in range(40): a.report.delay()\n")
         subprocess.run([PY, "-c", code], env=e, check=True, timeout=60)
@@ -183,8 +166,5 @@ def test_celery_freeze_before_fork_in_a_real_prefork_pool(tmp_path, freeze):
         else:
             assert all(n == 0 for n in frozen.values()), frozen
     finally:
-        if worker is not None:
-            worker.terminate()
-            worker.wait(timeout=30)
-        server.terminate()
-        server.wait(timeout=10)
+        worker.terminate()
+        worker.wait(timeout=30)

@@ -91,8 +91,8 @@ class Fleet:
 def fleet(ebb_bin, ebb_lib):
     started = []
 
-    def start(options, worker_args, env=None, command=None):
-        f = Fleet(ebb_bin, ebb_lib, options, worker_args, env, command=command)
+    def start(options, worker_args, env=None, command=None, cwd=None):
+        f = Fleet(ebb_bin, ebb_lib, options, worker_args, env, command=command, cwd=cwd)
         started.append(f)
         return f
 
