@@ -39,6 +39,9 @@ APP = os.path.join(HERE, "preload_app")
 PY = "/usr/bin/python3"
 WORKERS = 8
 
+sys.path.insert(0, os.path.join(REPO, "examples"))
+from fleet_demo import descendants, pss_kb  # noqa: E402 - the demo's /proc readers
+
 
 async def _load(port, requests, connections, seed):
     """Exactly `requests` GETs of random items over `connections` concurrent
@@ -82,37 +85,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def tree(root):
-    """root and its descendants, from /proc."""
-    kids = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        kids.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(kids.get(p, []))
-    return out
-
-
-def pss_kb(pid):
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def commands(name, port, ebb_bin, ebb_lib):
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PYTHONMALLOC", "PYTHONPATH")}
     env["PYTHONPATH"] = os.path.join(REPO, "python")  # ebb.gunicorn for the freeze hooks
@@ -148,7 +120,7 @@ def wait_ready(port, proc, timeout=120):
 
 def workers_up(root):
     """Number of processes answering as workers: the fleet's tree minus its root (and fork server)."""
-    return len(tree(root)) - 1
+    return len(descendants(root)) - 1
 
 
 def run_one(name, args, run_index):
@@ -167,7 +139,7 @@ def run_one(name, args, run_index):
 
         def sample():
             while not stop.is_set():
-                pids = tree(proc.pid)
+                pids = descendants(proc.pid)
                 samples.append((round(time.monotonic() - t0, 2), sum(pss_kb(p) for p in pids), len(pids)))
                 stop.wait(1)
 
