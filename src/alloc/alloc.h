@@ -26,6 +26,9 @@ EBB_INLINE void* alloc_class(unsigned cls, size_t size) {
 }
 
 EBB_INLINE void* alloc(size_t size) {
+  // malloc(0) lands in class 0, whose cache is always empty: the slow path
+  // serves it from class 1, and the common sizes skip a test for zero.
+  if (EBB_LIKELY(size <= kFineMax)) return alloc_class(static_cast<unsigned>((size + 15) >> 4), size);
   if (EBB_LIKELY(size <= kMaxSmallSize)) return alloc_class(size_to_class(size), size);
   t_cache.allocs++;
   t_cache.alloc_bytes += size;
@@ -34,43 +37,47 @@ EBB_INLINE void* alloc(size_t size) {
 
 // The span holding small object p, after checking that p is the start of an
 // object libebb handed out; aborts with a message naming `what` otherwise.
+// A slice in no span maps to spans[0], which is all zero (class 0, size 0,
+// start 0, nothing carved): the same two comparisons reject it.
 EBB_INLINE Span* checked_span(SegmentHeader* h, const void* p, const char* what) {
   Span* s = span_of(h, p);
-  if (EBB_UNLIKELY(s->cls == 0)) os::fatal_pointer(what, "invalid pointer", p);
   const ClassInfo& ci = kClasses[s->cls];
-  uint64_t off = static_cast<uint64_t>(static_cast<const uint8_t*>(p) - s->start);
+  uint64_t off = reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(s->start);
   uint64_t idx = (off * ci.recip) >> 40;
   if (EBB_UNLIKELY(idx * ci.size != off || idx >= s->bump)) os::fatal_pointer(what, "invalid pointer", p);
   return s;
 }
 
-void check_double_free(Span* s, FreeObj* o, const char* what);
+// The slow halves of free, out of line so that the fast path saves no
+// registers: a key that says "already free" (checked, then freed), and
+// everything that is not a small object (nullptr, large, foreign pointers).
+EBB_NOINLINE void free_suspect(Span* s, FreeObj* o, const char* what);
+EBB_NOINLINE void dealloc_other(void* p, const char* what);
 
 EBB_INLINE void free_small(SegmentHeader* h, void* p, const char* what) {
   Span* s = checked_span(h, p, what);
-  unsigned cls = s->cls;
   auto* o = static_cast<FreeObj*>(p);
-  if (EBB_UNLIKELY(o->key == g_free_key)) check_double_free(s, o, what);
+  if (EBB_UNLIKELY(o->key == g_free_key)) return free_suspect(s, o, what);
   o->key = g_free_key;
-  CacheBin& cb = t_cache.bins[cls];
+  CacheBin& cb = t_cache.bins[s->cls];
   if (EBB_LIKELY(cb.count < cb.max)) {
     o->next = cb.head;
     cb.head = o;
     cb.count++;
     return;
   }
-  tcache_free_slow(cls, o);
+  tcache_free_slow(s->cls, o);
 }
 
 EBB_INLINE void dealloc(void* p, const char* what) {
-  if (p == nullptr) return;
-  SegmentHeader* h = segment_of(p);
-  if (EBB_UNLIKELY(h == nullptr)) return;  // not ours (e.g. from the loader before libebb): leave it
-  if (EBB_LIKELY(h->kind == kSmallSegment)) {
-    free_small(h, p, what);
-    return;
+  // nullptr takes the slow way too: no segment starts at address 0. Small
+  // segments map all 4 MiB, so a registered one needs no bounds check.
+  const uintptr_t seg = reinterpret_cast<uintptr_t>(p) & ~kSegmentMask;
+  if (EBB_LIKELY(registry_has(seg))) {
+    auto* h = reinterpret_cast<SegmentHeader*>(seg);
+    if (EBB_LIKELY(h->kind == kSmallSegment)) return free_small(h, p, what);
   }
-  large_free(h, p);
+  dealloc_other(p, what);
 }
 
 void* alloc_aligned(size_t align, size_t size);  // align: a power of two

@@ -54,36 +54,71 @@ uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head) {
   return got;
 }
 
+namespace {
+
+// `k` objects of span s came back (their bits are set; the bitmap words
+// below `hint` are zero): the span's counters, once per run of neighbours.
+// True when the span became empty or sparse.
+bool span_returned(Bin& b, Span* s, uint32_t k, size_t hint, uint32_t now, uint32_t sparse) {
+  const uint32_t before = s->used;
+  s->hint = static_cast<uint32_t>(hint);
+  s->nfree += k;
+  s->used -= k;
+  s->touched = now;
+  s->dirty = true;
+  bool emptied = false;
+  if (s->used == 0) {
+    span_reset(s);
+    emptied = true;
+  } else if (before > sparse && s->used <= sparse) {
+    emptied = true;  // now mostly free: the short delay applies (bins_purge)
+  }
+  if (!s->in_list) list_push(b, s);
+  return emptied;
+}
+
+}  // namespace
+
 void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
   Bin& b = g_bins[cls];
   const auto now = static_cast<uint32_t>(os::now_ms());
   const uint32_t sparse = sparse_max(cls);
+  const uintptr_t span_bytes = uintptr_t{kClasses[cls].slices} << kSliceShift;
+  const uint64_t recip = kClasses[cls].recip;
   bool emptied = false;
   {
     LockGuard guard(b.lock);
+    // A flushed batch is mostly runs of objects from one span (they were
+    // carved together): the span is looked up when the run changes, and its
+    // counters are updated at the end of the run.
+    Span* s = nullptr;
+    uintptr_t start = 0;
+    SpanBitmap bits;
+    uint32_t run = 0;
+    size_t hint = 0;
     while (head != nullptr) {
       FreeObj* o = head;
       head = o->next;
-      auto* h = reinterpret_cast<SegmentHeader*>(reinterpret_cast<uintptr_t>(o) & ~kSegmentMask);
-      Span* s = span_of(h, o);
-      size_t i = span_slot(s, o);
-      uint64_t bit = uint64_t{1} << (i & 63);
-      uint64_t& word = span_word(s, i >> 6);
+      uintptr_t off = reinterpret_cast<uintptr_t>(o) - start;
+      if (off >= span_bytes) {
+        if (run != 0) emptied |= span_returned(b, s, run, hint, now, sparse);
+        auto* h = reinterpret_cast<SegmentHeader*>(reinterpret_cast<uintptr_t>(o) & ~kSegmentMask);
+        s = span_of(h, o);
+        start = reinterpret_cast<uintptr_t>(s->start);
+        off = reinterpret_cast<uintptr_t>(o) - start;
+        bits = SpanBitmap(s);
+        hint = s->hint;
+        run = 0;
+      }
+      const size_t i = static_cast<size_t>((off * recip) >> 40);
+      const uint64_t bit = uint64_t{1} << (i & 63);
+      uint64_t& word = bits[i >> 6];
       if (EBB_UNLIKELY(word & bit)) os::fatal_pointer("free", "double free", o);
       word |= bit;
-      if (i >> 6 < s->hint) s->hint = static_cast<uint32_t>(i >> 6);
-      s->nfree++;
-      s->used--;
-      s->touched = now;
-      s->dirty = true;
-      if (s->used == 0) {
-        span_reset(s);
-        emptied = true;
-      } else if (s->used == sparse) {
-        emptied = true;  // now mostly free: the short delay applies (bins_purge)
-      }
-      if (!s->in_list) list_push(b, s);
+      if (i >> 6 < hint) hint = i >> 6;
+      run++;
     }
+    if (run != 0) emptied |= span_returned(b, s, run, hint, now, sparse);
     b.out -= n;
   }
   purge_notify(emptied);

@@ -81,9 +81,13 @@ struct Segment {
   Segment* prev;
   uint64_t free_slices;  // bit i: slice i belongs to no span (and is not resident)
   uint32_t empty_since;  // now_ms() when the last span left (all slices free)
-  // The first slice of the span covering slice i (0: none). spans[0] is never
-  // a span (slice 0 is this header), so its class 0 marks a foreign pointer.
-  uint8_t slice_first[kSlicesPerSegment];
+  // Where the descriptor of the span covering slice i is: its byte offset
+  // from spans[0] (56 times the span's first slice; 0: none). spans[0] is
+  // never a span (slice 0 is this header) and stays all zero (start, size
+  // class and carved slots 0), which is what makes free() reject a pointer
+  // into a slice of no span (checked_span). Offsets rather than slice
+  // numbers spare free() a multiply.
+  uint16_t span_at[kSlicesPerSegment];
   uint64_t purged[kPagesPerSegment / 64];  // pages given back to the OS while their span lives
   Span spans[kSlicesPerSegment];           // the descriptor of the span starting at slice i
   // The spans' free bitmaps, stored by cache line: line 0 (words 0-7) of every
@@ -94,6 +98,8 @@ struct Segment {
 };
 static_assert(offsetof(Segment, free_bits) == kPageSize, "the header but the bitmaps fits one page");
 static_assert(sizeof(Segment) <= kSliceSize * kFirstSpanSlice, "segment header must fit its slices");
+static_assert(kFirstSpanSlice >= 1, "spans[0] must never be a span: free() relies on it being zero");
+static_assert((kSlicesPerSegment - 1) * sizeof(Span) <= UINT16_MAX, "Segment::span_at holds byte offsets");
 
 EBB_INLINE Segment* segment_of_span(const Span* s) {
   return reinterpret_cast<Segment*>(reinterpret_cast<uintptr_t>(s) & ~kSegmentMask);
@@ -181,11 +187,23 @@ size_t span_resident_pages(const Span* s);
 // above ~300 bytes is the whole bitmap. The rest is in Segment::free_bits,
 // whose pages are then touched only by small classes in one-slice spans.
 constexpr size_t kSpareWords = sizeof(Span) / sizeof(uint64_t);
-EBB_INLINE uint64_t& span_word(const Span* s, size_t w) {
-  // The spare descriptors follow s in the segment's array: s + 1 is the first.
-  if (w < kSpareWords * (s->nslices - 1u)) return reinterpret_cast<uint64_t*>(const_cast<Span*>(s) + 1)[w];
-  return segment_of_span(s)->free_bits[w / 8][s->slice][w % 8];
-}
+// Span s's bitmap words, with their places computed once (for loops: a store
+// to a word could alias the descriptor, so the compiler reloads it otherwise).
+struct SpanBitmap {
+  uint64_t* spare = nullptr;  // words [0, nspare): the spare descriptors, s + 1 onwards
+  size_t nspare = 0;
+  uint64_t* lines = nullptr;  // the others: line w / 8 of Segment::free_bits for this span
+  SpanBitmap() = default;
+  explicit SpanBitmap(const Span* s)
+      : spare(reinterpret_cast<uint64_t*>(const_cast<Span*>(s) + 1)),
+        nspare(kSpareWords * (s->nslices - 1u)),
+        lines(&segment_of_span(s)->free_bits[0][0][0] + size_t{s->slice} * 8) {}
+  EBB_INLINE uint64_t& operator[](size_t w) const {
+    if (w < nspare) return spare[w];
+    return lines[(w / 8) * kSlicesPerSegment * 8 + w % 8];
+  }
+};
+EBB_INLINE uint64_t& span_word(const Span* s, size_t w) { return SpanBitmap(s)[w]; }
 
 // Slot index of object p in span s.
 EBB_INLINE size_t span_slot(const Span* s, const void* p) {
@@ -196,7 +214,7 @@ EBB_INLINE size_t span_slot(const Span* s, const void* p) {
 EBB_INLINE Span* span_of(SegmentHeader* h, const void* p) {
   auto* seg = reinterpret_cast<Segment*>(h);
   size_t slice = (reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(h)) >> kSliceShift;
-  return &seg->spans[seg->slice_first[slice]];
+  return reinterpret_cast<Span*>(reinterpret_cast<uint8_t*>(seg->spans) + seg->span_at[slice]);
 }
 
 // ---- bins (bin.cc) ----------------------------------------------------------

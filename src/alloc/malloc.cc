@@ -12,10 +12,10 @@
 
 namespace ebb {
 
-void check_double_free(Span* s, FreeObj* o, const char* what) {
+void free_suspect(Span* s, FreeObj* o, const char* what) {
   // The key says "probably free". Confirm before accusing: look in this
-  // thread's cache, then in the span's free list. A live object whose bytes
-  // happen to match the key costs this search and nothing else.
+  // thread's cache, then in the span's free slots. A live object whose bytes
+  // happen to match the key costs this search and is then freed as usual.
   unsigned cls = s->cls;
   for (FreeObj* c = t_cache.bins[cls].head; c != nullptr; c = c->next)
     if (c == o) os::fatal_pointer(what, "double free", o);
@@ -25,6 +25,23 @@ void check_double_free(Span* s, FreeObj* o, const char* what) {
     found = span_is_free_slot(s, o);
   }
   if (found) os::fatal_pointer(what, "double free", o);
+  o->key = g_free_key;
+  CacheBin& cb = t_cache.bins[cls];
+  if (cb.count < cb.max) {
+    o->next = cb.head;
+    cb.head = o;
+    cb.count++;
+    return;
+  }
+  tcache_free_slow(cls, o);
+}
+
+void dealloc_other(void* p, const char* what) {
+  if (p == nullptr) return;
+  SegmentHeader* h = segment_of(p);
+  if (h == nullptr) return;  // not ours (e.g. from the loader before libebb): leave it
+  if (h->kind == kSmallSegment) return free_small(h, p, what);
+  large_free(h, p);
 }
 
 static bool is_pow2(size_t a) { return a != 0 && (a & (a - 1)) == 0; }

@@ -116,7 +116,10 @@ Span* segment_alloc_span(unsigned nslices) {
   span->start = reinterpret_cast<uint8_t*>(seg) + (static_cast<size_t>(first) << kSliceShift);
   span->slice = static_cast<uint8_t>(first);
   span->nslices = static_cast<uint8_t>(nslices);
-  for (unsigned i = 0; i < nslices; i++) seg->slice_first[first + i] = static_cast<uint8_t>(first);
+  // free() reads span_at and the descriptor without a lock. Until span_init
+  // runs, the descriptor is that of a freed span (class 0, nothing carved:
+  // span_reset ran before it was freed) or zero, and rejects every pointer.
+  for (unsigned i = 0; i < nslices; i++) seg->span_at[first + i] = static_cast<uint16_t>(first * sizeof(Span));
   return span;
 }
 
@@ -124,7 +127,7 @@ void segment_free_span(Span* span) {
   auto* seg = reinterpret_cast<Segment*>(reinterpret_cast<uintptr_t>(span) & ~kSegmentMask);
   unsigned first = span->slice;
   LockGuard guard(g_segment_lock);
-  for (unsigned i = 0; i < span->nslices; i++) seg->slice_first[first + i] = 0;
+  for (unsigned i = 0; i < span->nslices; i++) seg->span_at[first + i] = 0;
   seg->free_slices |= run_mask(first, span->nslices);
   span->cls = 0;
   if (seg->free_slices == run_mask(kFirstSpanSlice, kSlicesPerSegment - kFirstSpanSlice))

@@ -78,19 +78,43 @@ bool overlaps_purged(const Span* s, size_t idx, size_t size) {
   return false;
 }
 
+// Sets bits [lo, hi] of a bitmap.
+void set_range(uint64_t* bits, size_t lo, size_t hi) {
+  for (size_t w = lo >> 6; w <= hi >> 6; w++) {
+    size_t a = w == lo >> 6 ? lo & 63 : 0;
+    size_t b = w == hi >> 6 ? hi & 63 : 63;
+    bits[w] |= (b - a == 63 ? ~uint64_t{0} : ((uint64_t{1} << (b - a + 1)) - 1)) << a;
+  }
+}
+
+// ORs into `map` the carved slots that overlap a purged page (the parked
+// slots, when they are free): page by page, not slot by slot.
+void purged_slots(const Span* s, size_t size, uint64_t* map) {
+  if (s->bump == 0) return;
+  const size_t pages = last_page(s->bump - 1u, size) + 1;
+  for (size_t p = 0; p < pages; p++) {
+    if (!page_purged(s, p)) continue;
+    size_t lo = (p << kPageShift) / size;
+    size_t hi = (((p + 1) << kPageShift) - 1) / size;
+    if (hi >= s->bump) hi = s->bump - 1u;
+    if (lo <= hi) set_range(map, lo, hi);
+  }
+}
+
 EBB_INLINE bool test_bit(const uint64_t* bits, size_t i) { return (bits[i >> 6] >> (i & 63)) & 1; }
-EBB_INLINE void set_bit(uint64_t* bits, size_t i) { bits[i >> 6] |= uint64_t{1} << (i & 63); }
 
 size_t bitmap_words(uint32_t slots) { return (size_t{slots} + 63) / 64; }
 
 void clear_bitmap(Span* s, uint32_t slots) {
-  for (size_t w = 0; w < bitmap_words(slots); w++) span_word(s, w) = 0;
+  const SpanBitmap bits(s);
+  for (size_t w = 0; w < bitmap_words(slots); w++) bits[w] = 0;
 }
 
 uint32_t first_nonzero_word(const Span* s) {
+  const SpanBitmap bits(s);
   size_t words = bitmap_words(s->bump);
   for (size_t w = 0; w < words; w++)
-    if (span_word(s, w) != 0) return static_cast<uint32_t>(w);
+    if (bits[w] != 0) return static_cast<uint32_t>(w);
   return static_cast<uint32_t>(words);
 }
 
@@ -108,8 +132,10 @@ size_t decommit_pages(Span* s, size_t first, size_t end) {
 void unpark(Span* s) {
   const size_t size = class_size(s->cls);
   const size_t carved_pages = (size_t{s->bump} * size) >> kPageShift;
-  for (size_t i = 0; i < s->bump; i++)
-    if (overlaps_purged(s, i, size)) span_word(s, i >> 6) |= uint64_t{1} << (i & 63);
+  uint64_t parked[kSpanBitmapWords] = {};
+  purged_slots(s, size, parked);
+  const SpanBitmap bits(s);
+  for (size_t w = 0; w < bitmap_words(s->bump); w++) bits[w] |= parked[w];
   for (size_t p = 0; p < carved_pages; p++) clear_purged(s, p);
   s->nfree += s->parked;
   s->parked = 0;
@@ -145,10 +171,11 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
   FreeObj** tail = &first;
   if (s->nfree > 0) {
     // Lowest addresses first: a batch lands on as few pages as possible.
+    const SpanBitmap bits(s);
     const size_t words = bitmap_words(s->bump);
     size_t w = s->hint;
     for (; w < words && got < want; w++) {
-      uint64_t m = span_word(s, w);
+      uint64_t m = bits[w];
       while (m != 0 && got < want) {
         size_t i = w * 64 + static_cast<size_t>(__builtin_ctzll(m));
         m &= m - 1;
@@ -157,7 +184,7 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
         tail = &o->next;
         got++;
       }
-      span_word(s, w) = m;
+      bits[w] = m;
       if (m != 0) break;
     }
     s->hint = static_cast<uint32_t>(w);
@@ -218,11 +245,9 @@ size_t span_purge(Span* s) {
   // Which slots are free: the bitmap plus the parked slots.
   uint64_t free_map[kSpanBitmapWords];
   const size_t words = bitmap_words(s->bump);
-  for (size_t w = 0; w < words; w++) free_map[w] = span_word(s, w);
-  if (s->parked > 0) {
-    for (size_t i = 0; i < s->bump; i++)
-      if (overlaps_purged(s, i, size)) set_bit(free_map, i);
-  }
+  const SpanBitmap bits(s);
+  for (size_t w = 0; w < words; w++) free_map[w] = bits[w];
+  if (s->parked > 0) purged_slots(s, size, free_map);
 
   // A page can go when it lies wholly in the carved part and every slot
   // touching it is free, or wholly above the carved part.
@@ -260,15 +285,13 @@ size_t span_purge(Span* s) {
 
   if (parked_more) {
     // Free slots touching a purged page leave the bitmap: they are parked.
+    uint64_t parked[kSpanBitmapWords] = {};
+    purged_slots(s, size, parked);
     uint32_t nfree = 0, total = 0;
-    for (size_t i = 0; i < s->bump; i++) {
-      if (!test_bit(free_map, i)) continue;
-      total++;
-      if (overlaps_purged(s, i, size)) {
-        span_word(s, i >> 6) &= ~(uint64_t{1} << (i & 63));
-      } else {
-        nfree++;
-      }
+    for (size_t w = 0; w < words; w++) {
+      total += static_cast<uint32_t>(__builtin_popcountll(free_map[w]));
+      bits[w] = free_map[w] & ~parked[w];
+      nfree += static_cast<uint32_t>(__builtin_popcountll(bits[w]));
     }
     s->nfree = nfree;
     s->parked = total - nfree;

@@ -105,6 +105,7 @@ void flush_tail(unsigned cls, CacheBin& cb, uint32_t keep) {
 }  // namespace
 
 void* tcache_alloc_slow(unsigned cls) {
+  if (cls == 0) cls = 1;  // malloc(0) (see alloc)
   ThreadCache* tc = &t_cache;
   if (tc->state == 0) tcache_init(tc);
   CacheBin& cb = tc->bins[cls];

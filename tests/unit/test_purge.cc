@@ -41,32 +41,42 @@ TEST(Purge, TrimGivesFreedSmallObjectsBack) {
   EXPECT_LE(after + 56 * MiB, full) << "rss " << full / MiB << " MiB -> " << after / MiB << " MiB";
 }
 
-TEST(Purge, PartlyUsedSpansGiveBackTheirEmptyPages) {
-  // 64-byte objects, 64 per page; keep one in 512, i.e. one page in eight.
-  const size_t n = 400000, keep_every = 512;
+// Allocates `n` objects of `size` bytes, frees all but one in `keep_every`,
+// trims, and checks that most of the memory went back, that the survivors
+// are intact, and that allocating again (which refaults purged pages and
+// hands out their parked slots) never gives out a survivor's memory.
+// `released`: the share of the freed objects' bytes that must leave RSS.
+void partly_used_spans(size_t size, size_t n, size_t keep_every, double released) {
   std::vector<char*> v(n);
   for (size_t i = 0; i < n; i++) {
-    v[i] = static_cast<char*>(malloc(64));
-    memset(v[i], static_cast<int>(i & 0xff), 64);
+    v[i] = static_cast<char*>(malloc(size));
+    memset(v[i], static_cast<int>(i & 0xff), size);
   }
   size_t full = rss_bytes();
   for (size_t i = 0; i < n; i++)
     if (i % keep_every != 0) free(v[i]);
   ebb_trim();
   size_t after = rss_bytes();
-  const size_t data = n * 64;
-  EXPECT_LE(after + data * 3 / 4, full) << "rss " << full / MiB << " MiB -> " << after / MiB << " MiB";
-  // Survivors are intact, and allocating again (which refaults purged pages)
-  // never hands out a survivor's memory.
+  const size_t data = n * size;
+  EXPECT_LE(after + static_cast<size_t>(static_cast<double>(data) * released), full) << size << " B: rss " << full / MiB << " MiB -> " << after / MiB << " MiB";
   std::vector<char*> again(n);
   for (size_t i = 0; i < n; i++) {
-    again[i] = static_cast<char*>(malloc(64));
-    memset(again[i], 0x5a, 64);
+    again[i] = static_cast<char*>(malloc(size));
+    memset(again[i], 0x5a, size);
   }
   for (size_t i = 0; i < n; i += keep_every)
-    for (int b = 0; b < 64; b++) ASSERT_EQ(v[i][b], static_cast<char>(i & 0xff)) << i;
+    for (size_t b = 0; b < size; b++) ASSERT_EQ(v[i][b], static_cast<char>(i & 0xff)) << size << " B, object " << i;
   for (size_t i = 0; i < n; i += keep_every) free(v[i]);
   for (char* p : again) free(p);
+}
+
+TEST(Purge, PartlyUsedSpansGiveBackTheirEmptyPages) {
+  // 64-byte objects, 64 per page; keep one in 512, i.e. one page in eight.
+  partly_used_spans(64, 400000, 512, 0.75);
+  // Objects that straddle page boundaries: a purged page parks the free
+  // slots on both of its edges.
+  partly_used_spans(80, 300000, 400, 0.75);
+  partly_used_spans(3008, 12000, 16, 0.6);
 }
 
 TEST(Purge, IdleProcessGivesMemoryBackWithoutAllocating) {
