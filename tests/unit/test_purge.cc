@@ -58,7 +58,8 @@ void partly_used_spans(size_t size, size_t n, size_t keep_every, double released
   ebb_trim();
   size_t after = rss_bytes();
   const size_t data = n * size;
-  EXPECT_LE(after + static_cast<size_t>(static_cast<double>(data) * released), full) << size << " B: rss " << full / MiB << " MiB -> " << after / MiB << " MiB";
+  EXPECT_LE(after + static_cast<size_t>(static_cast<double>(data) * released), full)
+      << size << " B: rss " << full / MiB << " MiB -> " << after / MiB << " MiB";
   std::vector<char*> again(n);
   for (size_t i = 0; i < n; i++) {
     again[i] = static_cast<char*>(malloc(size));
