@@ -14,6 +14,16 @@ namespace {
 // a burst left behind is free, so it is purged after the short delay.
 uint32_t sparse_max(unsigned cls) { return kClasses[cls].capacity / 16u; }
 
+// A span nothing was taken from for twice the short delay holds what the
+// program built a while ago and is now letting go of (a `del` of a big
+// structure). Once sparse it goes back at the purger's next look, with no
+// delay: waiting would only keep it, and the free-bitmap pages its frees
+// touch, resident on top of the peak while the rest of the `del` runs.
+// Spans the program allocates from keep their delay against refaults; a
+// span reused more than the short delay after it emptied would have been
+// purged anyway.
+bool cold(const Span* s, uint32_t now) { return now - s->taken >= 2 * g_options.empty_delay_ms; }
+
 void list_push(Bin& b, Span* s) {
   s->prev = nullptr;
   s->next = b.head;
@@ -36,6 +46,7 @@ void list_remove(Bin& b, Span* s) {
 
 uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head) {
   Bin& b = g_bins[cls];
+  const auto now = static_cast<uint32_t>(os::now_ms());
   uint32_t got = 0;
   LockGuard guard(b.lock);
   while (got < want) {
@@ -48,6 +59,7 @@ uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head) {
       b.spans++;
     }
     got += span_take(s, want - got, head);
+    s->taken = now;
     if (s->full()) list_remove(b, s);
   }
   b.out += got;
@@ -56,12 +68,15 @@ uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head) {
 
 namespace {
 
+enum : unsigned { kEmptied = 1, kCold = 2 };
+
 // `k` objects of span s came back (their bits are set; the bitmap words
 // below `hint` are zero): the span's counters, once per run of neighbours.
-// True when the span became empty or sparse.
-bool span_returned(Bin& b, Span* s, uint32_t k, size_t hint, uint32_t now, uint32_t sparse) {
+// Returns kEmptied when the span became empty or sparse, with kCold if it
+// is cold.
+unsigned span_returned(Bin& b, Span* s, uint32_t k, size_t hint, uint32_t now, uint32_t sparse) {
   const uint32_t before = s->used;
-  s->hint = static_cast<uint32_t>(hint);
+  s->hint = static_cast<uint16_t>(hint);
   s->nfree += k;
   s->used -= k;
   s->touched = now;
@@ -74,7 +89,8 @@ bool span_returned(Bin& b, Span* s, uint32_t k, size_t hint, uint32_t now, uint3
     emptied = true;  // now mostly free: the short delay applies (bins_purge)
   }
   if (!s->in_list) list_push(b, s);
-  return emptied;
+  if (!emptied) return 0;
+  return cold(s, now) ? kEmptied | kCold : kEmptied;
 }
 
 }  // namespace
@@ -85,7 +101,7 @@ void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
   const uint32_t sparse = sparse_max(cls);
   const uintptr_t span_bytes = uintptr_t{kClasses[cls].slices} << kSliceShift;
   const uint64_t recip = kClasses[cls].recip;
-  bool emptied = false;
+  unsigned emptied = 0;
   {
     LockGuard guard(b.lock);
     // A flushed batch is mostly runs of objects from one span (they were
@@ -121,10 +137,10 @@ void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
     if (run != 0) emptied |= span_returned(b, s, run, hint, now, sparse);
     b.out -= n;
   }
-  purge_notify(emptied);
+  purge_notify((emptied & kEmptied) != 0, (emptied & kCold) != 0);
 }
 
-size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending) {
+size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending, bool* cold_purged) {
   size_t bytes = 0;
   for (unsigned cls = 1; cls <= kNumClasses; cls++) {
     Bin& b = g_bins[cls];
@@ -138,8 +154,10 @@ size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending) 
         // survivors of a burst (one object in a thousand kept) would
         // otherwise hold the rest of their span's pages for the long delay.
         const bool empty = s->used <= sparse_max(cls);
-        const uint32_t delay = empty ? g_options.empty_delay_ms : g_options.purge_delay_ms;
+        const bool at_once = empty && cold(s, static_cast<uint32_t>(now));
+        const uint32_t delay = at_once ? 0 : empty ? g_options.empty_delay_ms : g_options.purge_delay_ms;
         if (force || static_cast<uint32_t>(now) - s->touched >= delay) {
+          if (at_once) *cold_purged = true;
           bytes += span_purge(s);
           if (s->used == 0) {
             list_remove(b, s);

@@ -40,11 +40,12 @@ struct Span {
   Span* prev;
   uint32_t used;     // objects out: with the program or in a thread cache
   uint32_t bump;     // slots carved so far; slots [bump, capacity) are neither in use nor listed
-  uint32_t high;     // highest bump since the span was made: pages below it may be resident
+  uint16_t high;     // highest bump since the span was made: pages below it may be resident
+  uint16_t hint;     // free bitmap words below this one are zero
   uint32_t nfree;    // bits set in the free bitmap
   uint32_t parked;   // free slots left out of the bitmap because they overlap purged pages
-  uint32_t hint;     // free bitmap words below this one are zero
   uint32_t touched;  // low 32 bits of now_ms() when objects last came back (decay clock)
+  uint32_t taken;    // low 32 bits of now_ms() when objects were last taken out (see cold())
   uint8_t cls;       // size class; 0 while the slices are not a span
   uint8_t slice;     // index of the span's first slice in its segment
   uint8_t nslices;
@@ -222,7 +223,8 @@ uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head);
 void bin_flush(unsigned cls, FreeObj* head, uint32_t n);
 // *pending: a dirty span waits for its delay; *empty_pending: one with no
 // live object does (the purger then looks again sooner).
-size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending);
+// *cold_purged: a cold span was purged (more may follow soon: see cold()).
+size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending, bool* cold_purged);
 
 // ---- large objects (large.cc) -----------------------------------------------
 void* large_alloc(size_t size, size_t align, bool zero);
@@ -259,10 +261,11 @@ extern ThreadCache* g_tcaches;
 // Objects came back: make sure the purger will look within the delay (and
 // start it if this process has none yet). Cheap enough for every flush.
 // `emptied`: a span lost its last live object (it decays faster).
-void purge_notify(bool emptied = false);
+// `cold`: and nothing was taken from it for a purge delay (it goes at once).
+void purge_notify(bool emptied = false, bool cold = false);
 // One pass over everything that can hold free memory; `force` ignores the
 // delay. Sets *pending when something stays for a later pass. Returns bytes.
-size_t purge_all(bool force, bool* pending, bool* empty_pending = nullptr);
+size_t purge_all(bool force, bool* pending, bool* empty_pending = nullptr, bool* cold_purged = nullptr);
 void purger_after_fork_child();
 
 // Threads that have a thread cache and have not exited. When the last one

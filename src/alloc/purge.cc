@@ -26,6 +26,10 @@ namespace {
 std::atomic<int> g_wake{0};          // futex word: bumped to wake the purger (telemetry off)
 std::atomic<bool> g_pending{false};  // something may be waiting for its delay
 std::atomic<bool> g_empty{false};    // ... and it includes a span with nothing live (short delay)
+std::atomic<bool> g_cold{false};     // a cold span emptied: look every kColdTickMs while they come
+// How often the purger looks while cold spans empty (a `del` of old data in
+// progress): their pages go at once, and the passes follow the `del`.
+constexpr uint32_t kColdTickMs = 2;
 // 0 not started, 1 starting, 2 running, 3 failed or disabled.
 std::atomic<int> g_state{0};
 std::atomic<long> g_threads{0};  // see threads_started()
@@ -60,7 +64,7 @@ void* purger_main(void*) {
     // Look again after half the delay that applies to what waits.
     const uint32_t delay =
         g_empty.load(std::memory_order_acquire) ? g_options.empty_delay_ms : g_options.purge_delay_ms;
-    const uint32_t tick = delay / 2 < 5 ? 5 : delay / 2;
+    const uint32_t tick = g_cold.load(std::memory_order_acquire) ? kColdTickMs : delay / 2 < 5 ? 5 : delay / 2;
     if (std::atomic<uint32_t>* word = telemetry_wake_word()) {
       uint32_t seen = word->load(std::memory_order_acquire);
       telemetry_serve();  // a command may have come before we looked
@@ -80,10 +84,12 @@ void* purger_main(void*) {
     if (g_pending.load(std::memory_order_acquire)) {
       g_pending.store(false, std::memory_order_release);
       g_empty.store(false, std::memory_order_release);
-      bool more = false, more_empty = false;
+      bool more = false, more_empty = false, cold = false;
       // Above the soft limit set through the telemetry page: no delay.
-      purge_all(telemetry_over_soft_limit(), &more, &more_empty);
+      purge_all(telemetry_over_soft_limit(), &more, &more_empty, &cold);
       telemetry_count_pass();
+      // Keep the short tick while cold spans keep coming (no wake-up each).
+      if (!cold) g_cold.store(false, std::memory_order_release);
       if (more_empty) g_empty.store(true, std::memory_order_release);
       if (more) g_pending.store(true, std::memory_order_release);
     }
@@ -147,10 +153,13 @@ void threads_exited() {
 
 void threads_after_fork_child(bool caller_has_cache) { g_threads.store(caller_has_cache ? 1 : 0); }
 
-void purge_notify(bool emptied) {
+void purge_notify(bool emptied, bool cold) {
   // The purger may be sleeping out the long delay: the first emptied span
   // since its last pass wakes it so that it looks again after the short one.
+  // The first cold one wakes it to look at once, and every kColdTickMs
+  // after that until no cold span is left.
   bool wake = emptied && !g_empty.load(std::memory_order_relaxed) && !g_empty.exchange(true);
+  if (cold && !g_cold.load(std::memory_order_relaxed) && !g_cold.exchange(true)) wake = true;
   if (!g_pending.load(std::memory_order_relaxed)) {
     g_pending.store(true, std::memory_order_release);
     wake = true;
@@ -161,10 +170,11 @@ void purge_notify(bool emptied) {
   if (EBB_UNLIKELY(g_state.load(std::memory_order_relaxed) == 0) && g_constructed) purger_start();
 }
 
-size_t purge_all(bool force, bool* pending, bool* empty_pending) {
+size_t purge_all(bool force, bool* pending, bool* empty_pending, bool* cold_purged) {
   uint64_t now = os::now_ms();
-  bool ignored = false;
-  size_t bytes = bins_purge(now, force, pending, empty_pending != nullptr ? empty_pending : &ignored);
+  bool ignored = false, ignored_cold = false;
+  size_t bytes = bins_purge(now, force, pending, empty_pending != nullptr ? empty_pending : &ignored,
+                            cold_purged != nullptr ? cold_purged : &ignored_cold);
   bytes += segments_release(now, force);
   bytes += large_release(now, force, pending);
   return bytes;

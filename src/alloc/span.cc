@@ -110,12 +110,12 @@ void clear_bitmap(Span* s, uint32_t slots) {
   for (size_t w = 0; w < bitmap_words(slots); w++) bits[w] = 0;
 }
 
-uint32_t first_nonzero_word(const Span* s) {
+uint16_t first_nonzero_word(const Span* s) {
   const SpanBitmap bits(s);
   size_t words = bitmap_words(s->bump);
   for (size_t w = 0; w < words; w++)
-    if (bits[w] != 0) return static_cast<uint32_t>(w);
-  return static_cast<uint32_t>(words);
+    if (bits[w] != 0) return static_cast<uint16_t>(w);
+  return static_cast<uint16_t>(words);
 }
 
 // Decommits pages [first, end) of the span; returns bytes.
@@ -146,8 +146,10 @@ void unpark(Span* s) {
 
 void span_init(Span* s, unsigned cls) {
   s->next = s->prev = nullptr;
-  s->used = s->bump = s->high = s->nfree = s->parked = s->hint = 0;
+  s->used = s->bump = s->nfree = s->parked = 0;
+  s->high = s->hint = 0;
   s->touched = 0;
+  s->taken = static_cast<uint32_t>(os::now_ms());
   s->cls = static_cast<uint8_t>(cls);
   s->in_list = false;
   s->dirty = false;
@@ -187,7 +189,7 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
       bits[w] = m;
       if (m != 0) break;
     }
-    s->hint = static_cast<uint32_t>(w);
+    s->hint = static_cast<uint16_t>(w);
     s->nfree -= got;
   }
   if (got < want && s->bump < cap) {
@@ -203,7 +205,7 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
       tail = &o->next;
     }
     s->bump += n;
-    if (s->bump > s->high) s->high = s->bump;
+    if (s->bump > s->high) s->high = static_cast<uint16_t>(s->bump);
     got += n;
   }
   *tail = *head;
