@@ -13,7 +13,7 @@ void unmap(void* p, size_t size);
 // Gives pages back: the range reads as zeros afterwards. Returns false on error.
 bool decommit(void* p, size_t size);
 
-// Milliseconds of CLOCK_MONOTONIC (vDSO, no syscall).
+// Milliseconds of CLOCK_MONOTONIC_COARSE (vDSO, no syscall; 1-4 ms steps).
 uint64_t now_ms();
 
 // Writes a message to stderr with write(2); no stdio, no allocation.
