@@ -22,7 +22,9 @@ uint32_t sparse_max(unsigned cls) { return kClasses[cls].capacity / 16u; }
 // Spans the program allocates from keep their delay against refaults; a
 // span reused more than the short delay after it emptied would have been
 // purged anyway.
-bool cold(const Span* s, uint32_t now) { return now - s->taken >= 2 * g_options.empty_delay_ms; }
+bool cold(const Span* s, uint64_t now) {
+  return os::elapsed_ms(now, s->taken) >= 2 * uint64_t{g_options.empty_delay_ms};
+}
 
 void list_push(Bin& b, Span* s) {
   s->prev = nullptr;
@@ -60,6 +62,7 @@ uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head) {
     }
     got += span_take(s, want - got, head);
     s->taken = now;
+    s->cold = false;
     if (s->full()) list_remove(b, s);
   }
   b.out += got;
@@ -90,7 +93,9 @@ unsigned span_returned(Bin& b, Span* s, uint32_t k, size_t hint, uint32_t now, u
   }
   if (!s->in_list) list_push(b, s);
   if (!emptied) return 0;
-  return cold(s, now) ? kEmptied | kCold : kEmptied;
+  if (!cold(s, now)) return kEmptied;
+  s->cold = true;
+  return kEmptied | kCold;
 }
 
 }  // namespace
@@ -154,11 +159,16 @@ size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending, 
         // survivors of a burst (one object in a thousand kept) would
         // otherwise hold the rest of their span's pages for the long delay.
         const bool empty = s->used <= sparse_max(cls);
-        const bool at_once = empty && cold(s, static_cast<uint32_t>(now));
+        const bool at_once = empty && cold(s, now);
         const uint32_t delay = at_once ? 0 : empty ? g_options.empty_delay_ms : g_options.purge_delay_ms;
-        if (force || static_cast<uint32_t>(now) - s->touched >= delay) {
-          if (at_once) *cold_purged = true;
-          bytes += span_purge(s);
+        if (force || os::elapsed_ms(now, s->touched) >= delay) {
+          const size_t got = span_purge(s);
+          // Only a span that just went cold and (almost) empty keeps the
+          // purger on its short tick: a free into an old, already sparse
+          // span is not the del of a big structure.
+          if (s->cold && got != 0) *cold_purged = true;
+          s->cold = false;
+          bytes += got;
           if (s->used == 0) {
             list_remove(b, s);
             b.spans--;

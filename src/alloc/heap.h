@@ -51,6 +51,7 @@ struct Span {
   uint8_t nslices;
   bool in_list : 1;  // in the bin's list
   bool dirty : 1;    // objects came back since the last purge
+  bool cold : 1;     // became (almost) empty while cold since the last purge (bin.cc)
 
   bool full() const { return nfree == 0 && parked == 0 && bump == kClasses[cls].capacity; }
 };
@@ -223,7 +224,8 @@ uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head);
 void bin_flush(unsigned cls, FreeObj* head, uint32_t n);
 // *pending: a dirty span waits for its delay; *empty_pending: one with no
 // live object does (the purger then looks again sooner).
-// *cold_purged: a cold span was purged (more may follow soon: see cold()).
+// *cold_purged: a span that went cold and (almost) empty since the last pass
+// gave pages back (more may follow soon: see cold() in bin.cc).
 size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending, bool* cold_purged);
 
 // ---- large objects (large.cc) -----------------------------------------------
@@ -261,7 +263,8 @@ extern ThreadCache* g_tcaches;
 // Objects came back: make sure the purger will look within the delay (and
 // start it if this process has none yet). Cheap enough for every flush.
 // `emptied`: a span lost its last live object (it decays faster).
-// `cold`: and nothing was taken from it for a purge delay (it goes at once).
+// `cold`: and nothing was taken from it for twice the short delay (it goes
+// at once; see bin.cc).
 void purge_notify(bool emptied = false, bool cold = false);
 // One pass over everything that can hold free memory; `force` ignores the
 // delay. Sets *pending when something stays for a later pass. Returns bytes.

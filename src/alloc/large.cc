@@ -199,7 +199,7 @@ size_t large_release(uint64_t now, bool force, bool* pending) {
   LockGuard guard(g_large_lock);
   for (unsigned i = 0; i < g_cached;) {
     SegmentHeader* h = g_cache[i].seg;
-    if (force || static_cast<uint32_t>(now) - g_cache[i].since >= g_options.purge_delay_ms) {
+    if (force || os::elapsed_ms(now, g_cache[i].since) >= g_options.purge_delay_ms) {
       g_counters.large_cached.fetch_sub(h->map_size, std::memory_order_relaxed);
       bytes += h->map_size;
       unmap_block(h);

@@ -13,8 +13,15 @@ void unmap(void* p, size_t size);
 // Gives pages back: the range reads as zeros afterwards. Returns false on error.
 bool decommit(void* p, size_t size);
 
-// Milliseconds of CLOCK_MONOTONIC_COARSE (vDSO, no syscall; 1-4 ms steps).
+// Milliseconds of CLOCK_MONOTONIC_COARSE (vDSO, no syscall; 1-10 ms steps).
 uint64_t now_ms();
+// Milliseconds from `stamp` (low 32 bits of now_ms()) to `now`; 0 when the
+// stamp is newer than `now` (taken by another thread after `now` was read),
+// which would otherwise wrap round to a huge age.
+inline uint32_t elapsed_ms(uint64_t now, uint32_t stamp) {
+  const uint32_t d = static_cast<uint32_t>(now) - stamp;
+  return static_cast<int32_t>(d) > 0 ? d : 0;
+}
 
 // Writes a message to stderr with write(2); no stdio, no allocation.
 void write_err(const char* s);

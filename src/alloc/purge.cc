@@ -73,6 +73,7 @@ void* purger_main(void*) {
     } else {
       int seen = g_wake.load(std::memory_order_acquire);
       if (!pending) {
+        g_cold.store(false, std::memory_order_relaxed);  // nothing to follow: the next cold span wakes us
         Lock::wait(&g_wake, seen, nullptr);
         continue;
       }
@@ -84,12 +85,14 @@ void* purger_main(void*) {
     if (g_pending.load(std::memory_order_acquire)) {
       g_pending.store(false, std::memory_order_release);
       g_empty.store(false, std::memory_order_release);
+      g_cold.store(false, std::memory_order_release);
       bool more = false, more_empty = false, cold = false;
       // Above the soft limit set through the telemetry page: no delay.
       purge_all(telemetry_over_soft_limit(), &more, &more_empty, &cold);
       telemetry_count_pass();
-      // Keep the short tick while cold spans keep coming (no wake-up each).
-      if (!cold) g_cold.store(false, std::memory_order_release);
+      // Keep the short tick while cold spans keep coming: notifying each
+      // would wake the purger once per span.
+      if (cold) g_cold.store(true, std::memory_order_release);
       if (more_empty) g_empty.store(true, std::memory_order_release);
       if (more) g_pending.store(true, std::memory_order_release);
     }
@@ -185,6 +188,8 @@ void purger_after_fork_child() {
   // starts a new one, which first looks at what the parent left dirty.
   g_state.store(0, std::memory_order_relaxed);
   g_pending.store(true, std::memory_order_relaxed);
+  g_empty.store(false, std::memory_order_relaxed);
+  g_cold.store(false, std::memory_order_relaxed);
   g_wake.store(0, std::memory_order_relaxed);
 }
 

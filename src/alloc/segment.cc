@@ -146,7 +146,7 @@ size_t segments_release(uint64_t now, bool force) {
   for (Segment* seg = g_segments; seg != nullptr;) {
     Segment* next = seg->next;
     if (seg->free_slices == all_free) {
-      bool old = static_cast<uint32_t>(now) - seg->empty_since >= g_options.purge_delay_ms;
+      bool old = os::elapsed_ms(now, seg->empty_since) >= g_options.purge_delay_ms;
       if (keep_spare) {
         keep_spare = false;
       } else if (force || old) {

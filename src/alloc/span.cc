@@ -149,10 +149,11 @@ void span_init(Span* s, unsigned cls) {
   s->used = s->bump = s->nfree = s->parked = 0;
   s->high = s->hint = 0;
   s->touched = 0;
-  s->taken = static_cast<uint32_t>(os::now_ms());
+  s->taken = 0;  // set by the refill that asked for the span
   s->cls = static_cast<uint8_t>(cls);
   s->in_list = false;
   s->dirty = false;
+  s->cold = false;
   // The bitmap is already zero: fresh segments are, and a span leaves only
   // through span_reset (its last object came back), which clears it. Not
   // touching it here keeps a span that is only ever carved from faulting in

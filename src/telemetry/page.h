@@ -48,7 +48,7 @@ struct Page {
 
   // Statistics, under a sequence counter (odd while being written).
   std::atomic<uint64_t> seq;
-  uint64_t updated_ms;   // CLOCK_MONOTONIC, ms
+  uint64_t updated_ms;   // CLOCK_MONOTONIC_COARSE, ms
   uint64_t rss_bytes;    // the process's RSS (statm) when the stats were taken
   uint64_t soft_limit;   // in force, bytes (0: none)
   uint64_t purger_runs;  // purge passes so far
