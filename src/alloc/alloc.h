@@ -54,19 +54,24 @@ EBB_INLINE Span* checked_span(SegmentHeader* h, const void* p, const char* what)
 EBB_NOINLINE void free_suspect(Span* s, FreeObj* o, const char* what);
 EBB_NOINLINE void dealloc_other(void* p, const char* what);
 
-EBB_INLINE void free_small(SegmentHeader* h, void* p, const char* what) {
-  Span* s = checked_span(h, p, what);
-  auto* o = static_cast<FreeObj*>(p);
-  if (EBB_UNLIKELY(o->key == g_free_key)) return free_suspect(s, o, what);
+// Marks o free and puts it in this thread's cache of class cls.
+EBB_INLINE void cache_push(unsigned cls, FreeObj* o) {
   o->key = g_free_key;
-  CacheBin& cb = t_cache.bins[s->cls];
+  CacheBin& cb = t_cache.bins[cls];
   if (EBB_LIKELY(cb.count < cb.max)) {
     o->next = cb.head;
     cb.head = o;
     cb.count++;
     return;
   }
-  tcache_free_slow(s->cls, o);
+  tcache_free_slow(cls, o);
+}
+
+EBB_INLINE void free_small(SegmentHeader* h, void* p, const char* what) {
+  Span* s = checked_span(h, p, what);
+  auto* o = static_cast<FreeObj*>(p);
+  if (EBB_UNLIKELY(o->key == g_free_key)) return free_suspect(s, o, what);
+  cache_push(s->cls, o);
 }
 
 EBB_INLINE void dealloc(void* p, const char* what) {

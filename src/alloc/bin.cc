@@ -17,8 +17,8 @@ uint32_t sparse_max(unsigned cls) { return kClasses[cls].capacity / 16u; }
 // A span nothing was taken from for twice the short delay holds what the
 // program built a while ago and is now letting go of (a `del` of a big
 // structure). Once sparse it goes back at the purger's next look, with no
-// delay: waiting would only keep it, and the free-bitmap pages its frees
-// touch, resident on top of the peak while the rest of the `del` runs.
+// delay: waiting would keep its freed pages resident, on top of the peak
+// and of the free-bitmap pages its frees touch, while the `del` runs.
 // Spans the program allocates from keep their delay against refaults; a
 // span reused more than the short delay after it emptied would have been
 // purged anyway.

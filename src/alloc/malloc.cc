@@ -25,15 +25,7 @@ void free_suspect(Span* s, FreeObj* o, const char* what) {
     found = span_is_free_slot(s, o);
   }
   if (found) os::fatal_pointer(what, "double free", o);
-  o->key = g_free_key;
-  CacheBin& cb = t_cache.bins[cls];
-  if (cb.count < cb.max) {
-    o->next = cb.head;
-    cb.head = o;
-    cb.count++;
-    return;
-  }
-  tcache_free_slow(cls, o);
+  cache_push(cls, o);
 }
 
 void dealloc_other(void* p, const char* what) {
