@@ -15,18 +15,21 @@ import pytest
 from test_run import (APPS, FAST, LEAKER, PY, PYTHON_DIR, assert_exactly_once, celery_task, fleet,  # noqa: F401
                       redis_url)
 
-# A worker that reports how it was started, as JSON on one stdout line.
+# A worker that reports how it was started, as JSON on one stdout line. The
+# line goes out in one write(2) (atomic on a pipe below 4 KiB): print() under
+# `python3 -u` writes the text and the newline apart, and two workers' lines
+# could interleave.
 REPORT = r'''
 import gc, json, os, signal, sys
 import __main__
-print(json.dumps({
+os.write(1, (json.dumps({
     "argv": sys.argv, "name": __name__, "main_is_sys_main": sys.modules["__main__"].__dict__ is globals(),
     "file": globals().get("__file__"), "spec": getattr(__spec__, "name", None), "path0": sys.path[0],
     "sigint": str(signal.getsignal(signal.SIGINT)), "sigterm": str(signal.getsignal(signal.SIGTERM)),
     "sigchld": str(signal.getsignal(signal.SIGCHLD)), "mask": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
     "gc": gc.isenabled(), "worker": os.environ.get("EBB_WORKER_ID"), "pid": os.getpid(), "ppid": os.getppid(),
     "pgid": os.getpgid(0), "frozen": gc.get_freeze_count(), "preloaded": "heavy" in sys.modules,
-}), flush=True)
+}) + "\n").encode())
 if os.environ.get("REPORT_WAIT"):
     signal.pause()
 '''
