@@ -102,6 +102,8 @@ static_assert(offsetof(Segment, free_bits) == kPageSize, "the header but the bit
 static_assert(sizeof(Segment) <= kSliceSize * kFirstSpanSlice, "segment header must fit its slices");
 static_assert(kFirstSpanSlice >= 1, "spans[0] must never be a span: free() relies on it being zero");
 static_assert((kSlicesPerSegment - 1) * sizeof(Span) <= UINT16_MAX, "Segment::span_at holds byte offsets");
+// Segment::span_at's value for a span starting at `slice`.
+constexpr uint16_t span_offset(size_t slice) { return static_cast<uint16_t>(slice * sizeof(Span)); }
 
 EBB_INLINE Segment* segment_of_span(const Span* s) {
   return reinterpret_cast<Segment*>(reinterpret_cast<uintptr_t>(s) & ~kSegmentMask);
@@ -183,14 +185,14 @@ size_t span_purge(Span* s);
 void span_reset(Span* s);
 bool span_is_free_slot(Span* s, const void* p);  // for double-free reports (slow)
 size_t span_resident_pages(const Span* s);
-// Word w of span s's free bitmap. A span of n slices uses only the first of
+// Where a span's free bitmap lives. A span of n slices uses only the first of
 // its n descriptors: the other n - 1 (7 words each, in the header page that
 // is resident anyway) hold the bitmap's first words, which for every class
 // above ~300 bytes is the whole bitmap. The rest is in Segment::free_bits,
 // whose pages are then touched only by small classes in one-slice spans.
 constexpr size_t kSpareWords = sizeof(Span) / sizeof(uint64_t);
-// Span s's bitmap words, with their places computed once (for loops: a store
-// to a word could alias the descriptor, so the compiler reloads it otherwise).
+// Span s's bitmap words, their places computed once (in a loop, a store to a
+// word could alias the descriptor, and the compiler would reload it).
 struct SpanBitmap {
   uint64_t* spare = nullptr;  // words [0, nspare): the spare descriptors, s + 1 onwards
   size_t nspare = 0;
@@ -205,7 +207,6 @@ struct SpanBitmap {
     return lines[(w / 8) * kSlicesPerSegment * 8 + w % 8];
   }
 };
-EBB_INLINE uint64_t& span_word(const Span* s, size_t w) { return SpanBitmap(s)[w]; }
 
 // Slot index of object p in span s.
 EBB_INLINE size_t span_slot(const Span* s, const void* p) {

@@ -119,7 +119,7 @@ Span* segment_alloc_span(unsigned nslices) {
   // free() reads span_at and the descriptor without a lock. Until span_init
   // runs, the descriptor is that of a freed span (class 0, nothing carved:
   // span_reset ran before it was freed) or zero, and rejects every pointer.
-  for (unsigned i = 0; i < nslices; i++) seg->span_at[first + i] = static_cast<uint16_t>(first * sizeof(Span));
+  for (unsigned i = 0; i < nslices; i++) seg->span_at[first + i] = span_offset(first);
   return span;
 }
 

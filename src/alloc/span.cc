@@ -159,7 +159,7 @@ void span_init(Span* s, unsigned cls) {
   // touching it here keeps a span that is only ever carved from faulting in
   // bitmap pages.
   for_purged_words(s, [](uint64_t& w, uint64_t m) { w &= ~m; });
-  // The spare descriptors hold bitmap words (span_word): one may have been
+  // The spare descriptors hold bitmap words (SpanBitmap): one may have been
   // the descriptor of an earlier span. They are in the header page.
   Segment* seg = segment_of_span(s);
   memset(static_cast<void*>(&seg->spans[s->slice + 1]), 0, sizeof(Span) * (s->nslices - 1u));
@@ -305,7 +305,7 @@ size_t span_purge(Span* s) {
 
 bool span_is_free_slot(Span* s, const void* p) {
   size_t i = span_slot(s, p);
-  return ((span_word(s, i >> 6) >> (i & 63)) & 1) || (s->parked > 0 && overlaps_purged(s, i, class_size(s->cls)));
+  return ((SpanBitmap(s)[i >> 6] >> (i & 63)) & 1) || (s->parked > 0 && overlaps_purged(s, i, class_size(s->cls)));
 }
 
 size_t span_resident_pages(const Span* s) {

@@ -26,7 +26,7 @@ void class_totals(AllTotals& t) {
   for (Segment* seg = g_segments; seg != nullptr; seg = seg->next)
     for (unsigned i = kFirstSpanSlice; i < kSlicesPerSegment; i++) {
       Span* s = &seg->spans[i];
-      if (seg->span_at[i] != i * sizeof(Span) || s->cls == 0) continue;
+      if (seg->span_at[i] != span_offset(i) || s->cls == 0) continue;
       ClassTotals& c = t[s->cls];
       c.free += s->nfree + s->parked + (kClasses[s->cls].capacity - s->bump);
       c.resident_pages += span_resident_pages(s);
