@@ -52,7 +52,7 @@ EBB_INLINE Span* checked_span(SegmentHeader* h, const void* p, const char* what)
 // registers: a key that says "already free" (checked, then freed), and
 // everything that is not a small object (nullptr, large, foreign pointers).
 EBB_NOINLINE void free_suspect(Span* s, FreeObj* o, const char* what);
-EBB_NOINLINE void dealloc_other(void* p, const char* what);
+EBB_NOINLINE void dealloc_other(void* p);
 
 // Marks o free and puts it in this thread's cache of class cls.
 EBB_INLINE void cache_push(unsigned cls, FreeObj* o) {
@@ -75,14 +75,12 @@ EBB_INLINE void free_small(SegmentHeader* h, void* p, const char* what) {
 }
 
 EBB_INLINE void dealloc(void* p, const char* what) {
-  // nullptr takes the slow way too: no segment starts at address 0. Small
-  // segments map all 4 MiB, so a registered one needs no bounds check.
+  // nullptr takes the slow way too: no segment starts at address 0. The
+  // registry holds small segments only, and they map all 4 MiB, so a
+  // registered one needs no bounds check and no look at its header.
   const uintptr_t seg = reinterpret_cast<uintptr_t>(p) & ~kSegmentMask;
-  if (EBB_LIKELY(registry_has(seg))) {
-    auto* h = reinterpret_cast<SegmentHeader*>(seg);
-    if (EBB_LIKELY(h->kind == kSmallSegment)) return free_small(h, p, what);
-  }
-  dealloc_other(p, what);
+  if (EBB_LIKELY(registry_has(seg))) return free_small(reinterpret_cast<SegmentHeader*>(seg), p, what);
+  dealloc_other(p);
 }
 
 void* alloc_aligned(size_t align, size_t size);  // align: a power of two

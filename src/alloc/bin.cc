@@ -100,6 +100,22 @@ unsigned span_returned(Bin& b, Span* s, uint32_t k, size_t hint, uint32_t now, u
 
 }  // namespace
 
+namespace {
+
+// Sets the bits `add` in word w of a span's free bitmap, which were clear
+// unless an object was freed twice; lowers the span's hint to w if needed.
+EBB_INLINE void bitmap_add(const Span* s, const SpanBitmap& bits, size_t w, uint64_t add, size_t* hint) {
+  uint64_t& word = bits[w];
+  if (EBB_UNLIKELY(word & add)) {
+    const size_t slot = w * 64 + static_cast<size_t>(__builtin_ctzll(word & add));
+    os::fatal_pointer("free", "double free", s->start + slot * class_size(s->cls));
+  }
+  word |= add;
+  if (w < *hint) *hint = w;
+}
+
+}  // namespace
+
 void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
   Bin& b = g_bins[cls];
   const auto now = static_cast<uint32_t>(os::now_ms());
@@ -109,20 +125,27 @@ void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
   unsigned emptied = 0;
   {
     LockGuard guard(b.lock);
-    // A flushed batch is mostly runs of objects from one span (they were
-    // carved together): the span is looked up when the run changes, and its
-    // counters are updated at the end of the run.
+    // A flushed batch is mostly runs of objects from one span, and of
+    // neighbours in its bitmap (they were carved together): the span is
+    // looked up when the run changes, its counters are updated at the end of
+    // the run, and the bits of one bitmap word are gathered in a register and
+    // stored together.
     Span* s = nullptr;
     uintptr_t start = 0;
     SpanBitmap bits;
     uint32_t run = 0;
     size_t hint = 0;
+    size_t w = 0;           // the bitmap word that `gathered` belongs to
+    uint64_t gathered = 0;  // bits of word w freed by this batch, not stored yet
     while (head != nullptr) {
       FreeObj* o = head;
       head = o->next;
       uintptr_t off = reinterpret_cast<uintptr_t>(o) - start;
       if (off >= span_bytes) {
-        if (run != 0) emptied |= span_returned(b, s, run, hint, now, sparse);
+        if (run != 0) {
+          bitmap_add(s, bits, w, gathered, &hint);
+          emptied |= span_returned(b, s, run, hint, now, sparse);
+        }
         auto* h = reinterpret_cast<SegmentHeader*>(reinterpret_cast<uintptr_t>(o) & ~kSegmentMask);
         s = span_of(h, o);
         start = reinterpret_cast<uintptr_t>(s->start);
@@ -130,16 +153,23 @@ void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
         bits = SpanBitmap(s);
         hint = s->hint;
         run = 0;
+        gathered = 0;
       }
       const size_t i = static_cast<size_t>((off * recip) >> 40);
+      if (i >> 6 != w) {
+        if (gathered != 0) bitmap_add(s, bits, w, gathered, &hint);
+        w = i >> 6;
+        gathered = 0;
+      }
       const uint64_t bit = uint64_t{1} << (i & 63);
-      uint64_t& word = bits[i >> 6];
-      if (EBB_UNLIKELY(word & bit)) os::fatal_pointer("free", "double free", o);
-      word |= bit;
-      if (i >> 6 < hint) hint = i >> 6;
+      if (EBB_UNLIKELY(gathered & bit)) os::fatal_pointer("free", "double free", o);
+      gathered |= bit;
       run++;
     }
-    if (run != 0) emptied |= span_returned(b, s, run, hint, now, sparse);
+    if (run != 0) {
+      bitmap_add(s, bits, w, gathered, &hint);
+      emptied |= span_returned(b, s, run, hint, now, sparse);
+    }
     b.out -= n;
   }
   purge_notify((emptied & kEmptied) != 0, (emptied & kCold) != 0);

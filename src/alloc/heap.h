@@ -147,7 +147,8 @@ void options_load();
 void ensure_init();
 
 // ---- segments (segment.cc) --------------------------------------------------
-// One bit per 4 MiB of address space, set where a segment starts (segment.cc).
+// One bit per 4 MiB of address space, set where a small segment starts
+// (segment.cc); large blocks have registries of their own.
 constexpr size_t kRegistryWords = size_t{1} << (kAddressBits - kSegmentShift - 6);
 extern std::atomic<uint64_t> g_registry[kRegistryWords];
 void registry_set(uintptr_t seg, bool on);
@@ -156,17 +157,17 @@ EBB_INLINE bool registry_has(uintptr_t seg) {
   if (EBB_UNLIKELY(bit >> 6 >= kRegistryWords)) return false;
   return (g_registry[bit >> 6].load(std::memory_order_acquire) >> (bit & 63)) & 1;
 }
-// Large objects aligned to 4 MiB or more start a 4 MiB chunk themselves; their
-// header is the page before. A second registry marks those chunks.
+// Large blocks: those whose header starts a 4 MiB chunk, and those aligned to
+// 4 MiB or more, which start a chunk themselves with their header in the page
+// before ("shifted").
+void registry_set_large(uintptr_t seg, bool on);
 void registry_set_shifted(uintptr_t chunk, bool on);
-SegmentHeader* segment_of_shifted(const void* p);
+SegmentHeader* segment_of_large(const void* p);
 // The segment header for p if p lies inside memory libebb mapped, else nullptr.
 EBB_INLINE SegmentHeader* segment_of(const void* p) {
   uintptr_t s = reinterpret_cast<uintptr_t>(p) & ~kSegmentMask;
-  if (EBB_UNLIKELY(!registry_has(s))) return segment_of_shifted(p);
-  auto* h = reinterpret_cast<SegmentHeader*>(s);
-  if (EBB_UNLIKELY(reinterpret_cast<uintptr_t>(p) - s >= h->map_size)) return nullptr;
-  return h;
+  if (EBB_LIKELY(registry_has(s))) return reinterpret_cast<SegmentHeader*>(s);  // small: maps all 4 MiB
+  return segment_of_large(p);
 }
 Span* segment_alloc_span(unsigned nslices);  // clean (non-resident) slices
 void segment_free_span(Span* span);          // the span's pages must already be purged

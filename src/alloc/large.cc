@@ -31,7 +31,7 @@ size_t round_page(size_t n) { return (n + kPageSize - 1) & ~(kPageSize - 1); }
 void register_block(SegmentHeader* h, bool on) {
   auto at = reinterpret_cast<uintptr_t>(h);
   if ((at & kSegmentMask) == 0)
-    registry_set(at, on);
+    registry_set_large(at, on);
   else
     registry_set_shifted(at + h->offset, on);
 }
@@ -168,13 +168,13 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
   if (r == MAP_FAILED && (reinterpret_cast<uintptr_t>(h) & kSegmentMask) == 0) {
     void* dest = os::map_aligned(need, kSegmentSize);
     if (dest != nullptr) {
-      registry_set(reinterpret_cast<uintptr_t>(dest), true);
+      registry_set_large(reinterpret_cast<uintptr_t>(dest), true);
       r = mremap(h, old_size, need, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
       if (r == MAP_FAILED) {
-        registry_set(reinterpret_cast<uintptr_t>(dest), false);
+        registry_set_large(reinterpret_cast<uintptr_t>(dest), false);
         os::unmap(dest, need);
       } else {
-        registry_set(reinterpret_cast<uintptr_t>(h), false);
+        registry_set_large(reinterpret_cast<uintptr_t>(h), false);
       }
     }
   }

@@ -28,11 +28,10 @@ void free_suspect(Span* s, FreeObj* o, const char* what) {
   cache_push(cls, o);
 }
 
-void dealloc_other(void* p, const char* what) {
+void dealloc_other(void* p) {
   if (p == nullptr) return;
-  SegmentHeader* h = segment_of(p);
-  if (h == nullptr) return;  // not ours (e.g. from the loader before libebb): leave it
-  if (h->kind == kSmallSegment) return free_small(h, p, what);
+  SegmentHeader* h = segment_of_large(p);  // not in a small segment: dealloc() looked
+  if (h == nullptr) return;                // not ours (e.g. from the loader before libebb): leave it
   large_free(h, p);
 }
 

@@ -7,11 +7,15 @@
 
 namespace ebb {
 
-// One bit per 4 MiB of address space: set where a segment starts. 8 MiB of
-// zero-filled .bss, of which only the pages for addresses in use ever become
-// resident. A pointer whose bit is clear was not handed out by libebb (it may
-// come from the dynamic loader before libebb was in place) and is left alone.
+// One bit per 4 MiB of address space: set where a small segment starts. 8 MiB
+// of zero-filled .bss, of which only the pages for addresses in use ever
+// become resident. A pointer whose bit is clear in all three registries was
+// not handed out by libebb (it may come from the dynamic loader before libebb
+// was in place) and is left alone. Small segments have a registry of their
+// own so that free() needs no look at the header to know what it has.
 std::atomic<uint64_t> g_registry[kRegistryWords];
+// The same for large blocks whose header starts a 4 MiB chunk.
+static std::atomic<uint64_t> g_registry_large[kRegistryWords];
 // Chunks that start with a large object whose header is in the page before.
 // Rare (alignments of 4 MiB or more), so a small sorted table would do too;
 // a bitmap keeps the lookup trivially correct and costs only address space.
@@ -37,12 +41,18 @@ static bool bitmap_has(const std::atomic<uint64_t>* map, uintptr_t chunk) {
 }
 
 void registry_set(uintptr_t seg, bool on) { bitmap_set(g_registry, seg, on); }
+void registry_set_large(uintptr_t seg, bool on) { bitmap_set(g_registry_large, seg, on); }
 void registry_set_shifted(uintptr_t chunk, bool on) { bitmap_set(g_registry_shifted, chunk, on); }
 
-SegmentHeader* segment_of_shifted(const void* p) {
+SegmentHeader* segment_of_large(const void* p) {
   uintptr_t chunk = reinterpret_cast<uintptr_t>(p) & ~kSegmentMask;
-  if (!bitmap_has(g_registry_shifted, chunk)) return nullptr;
-  auto* h = reinterpret_cast<SegmentHeader*>(chunk - kPageSize);
+  SegmentHeader* h;
+  if (bitmap_has(g_registry_large, chunk))
+    h = reinterpret_cast<SegmentHeader*>(chunk);
+  else if (bitmap_has(g_registry_shifted, chunk))
+    h = reinterpret_cast<SegmentHeader*>(chunk - kPageSize);
+  else
+    return nullptr;
   if (reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(h) >= h->map_size) return nullptr;
   return h;
 }

@@ -5,7 +5,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <string>
 
 #include "ebb.h"
 
@@ -256,6 +261,65 @@ TEST(BadInputDeathTest, DoubleFreeAfterTheCacheWasFlushed) {
       },
       // The span may have emptied and restarted carving: then p is past the carve line.
       "ebb: free\\(\\): (double free|invalid pointer) 0x");
+}
+
+// The key that marks a free object can be overwritten (a write after free).
+// The second free then looks like a first one; the bitmap still catches it
+// when the thread cache is flushed, and the message names the object.
+void clobber_free_key(void* p) {
+  volatile char* bytes = static_cast<char*>(p);
+  for (int i = 8; i < 16; i++) bytes[i] = 0;
+}
+
+// Runs body(p) in a child, for p = malloc(64), and expects it to abort with
+// "ebb: free(): double free <p>" as all it writes to stderr.
+template <class Body>
+void expect_double_free_of(Body body) {
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    alarm(20);  // a heap corrupted by an undetected double free may loop forever
+    dup2(fds[1], 2);
+    void* p = malloc(64);
+    char line[64];
+    int n = snprintf(line, sizeof line, "%p\n", p);
+    if (write(fds[1], line, static_cast<size_t>(n)) != n) _exit(2);
+    body(p);
+    _exit(0);
+  }
+  close(fds[1]);
+  std::string out;
+  char buf[256];
+  for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
+  close(fds[0]);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT) << "status " << status << ", stderr: " << out;
+  const std::string p = out.substr(0, out.find('\n'));
+  EXPECT_EQ(out, p + "\nebb: free(): double free " + p + "\n");
+}
+
+TEST(BadInput, DoubleFreeInOneFlushedBatch) {
+  expect_double_free_of([](void* p) {
+    free(p);
+    clobber_free_key(p);
+    free(p);     // p is twice in the cache
+    ebb_trim();  // flushes it
+  });
+}
+
+TEST(BadInput, DoubleFreeOfAnObjectAlreadyInItsSpan) {
+  expect_double_free_of([](void* p) {
+    void* neighbour = malloc(64);  // keeps the span from emptying (and being reset)
+    free(p);
+    ebb_trim();  // p's bit is set in its span's bitmap
+    clobber_free_key(p);
+    free(p);
+    ebb_trim();
+    free(neighbour);
+  });
 }
 
 TEST(BadInputDeathTest, DoubleFreeOfLargeObject) {
