@@ -169,12 +169,14 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
     void* dest = os::map_aligned(need, kSegmentSize);
     if (dest != nullptr) {
       registry_set_large(reinterpret_cast<uintptr_t>(dest), true);
+      // The old address leaves the registry before mremap unmaps it: from
+      // then on another thread may map a block there and register it.
+      registry_set_large(reinterpret_cast<uintptr_t>(h), false);
       r = mremap(h, old_size, need, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
       if (r == MAP_FAILED) {
+        registry_set_large(reinterpret_cast<uintptr_t>(h), true);
         registry_set_large(reinterpret_cast<uintptr_t>(dest), false);
         os::unmap(dest, need);
-      } else {
-        registry_set_large(reinterpret_cast<uintptr_t>(h), false);
       }
     }
   }

@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <string>
@@ -271,8 +272,15 @@ void clobber_free_key(void* p) {
   for (int i = 8; i < 16; i++) bytes[i] = 0;
 }
 
-// Runs body(p) in a child, for p = malloc(64), and expects it to abort with
-// "ebb: free(): double free <p>" as all it writes to stderr.
+// Writes p as the first line of stderr (see expect_double_free_of).
+void announce(const void* p) {
+  char line[64];
+  int n = snprintf(line, sizeof line, "%p\n", p);
+  if (write(2, line, static_cast<size_t>(n)) != n) _exit(2);
+}
+
+// Runs body() in a child, which announce()s an object p and must then abort
+// with "ebb: free(): double free <p>" as all else it writes to stderr.
 template <class Body>
 void expect_double_free_of(Body body) {
   int fds[2];
@@ -282,11 +290,7 @@ void expect_double_free_of(Body body) {
   if (pid == 0) {
     alarm(20);  // a heap corrupted by an undetected double free may loop forever
     dup2(fds[1], 2);
-    void* p = malloc(64);
-    char line[64];
-    int n = snprintf(line, sizeof line, "%p\n", p);
-    if (write(fds[1], line, static_cast<size_t>(n)) != n) _exit(2);
-    body(p);
+    body();
     _exit(0);
   }
   close(fds[1]);
@@ -302,7 +306,9 @@ void expect_double_free_of(Body body) {
 }
 
 TEST(BadInput, DoubleFreeInOneFlushedBatch) {
-  expect_double_free_of([](void* p) {
+  expect_double_free_of([] {
+    void* p = malloc(64);
+    announce(p);
     free(p);
     clobber_free_key(p);
     free(p);     // p is twice in the cache
@@ -311,14 +317,28 @@ TEST(BadInput, DoubleFreeInOneFlushedBatch) {
 }
 
 TEST(BadInput, DoubleFreeOfAnObjectAlreadyInItsSpan) {
-  expect_double_free_of([](void* p) {
-    void* neighbour = malloc(64);  // keeps the span from emptying (and being reset)
+  expect_double_free_of([] {
+    // 64-byte objects: one page of a span is one word of its free bitmap.
+    // Find three objects a < p < c on one page; the rest stay live, so that
+    // no page of theirs is purged (a purged page's slots leave the bitmap).
+    void* objs[64];
+    for (void*& o : objs) o = malloc(64);
+    std::sort(std::begin(objs), std::end(objs));
+    int i = 1;
+    auto page = [](const void* o) { return reinterpret_cast<uintptr_t>(o) >> 12; };
+    while (i < 63 && !(page(objs[i - 1]) == page(objs[i + 1]))) i++;
+    if (i == 63) _exit(3);
+    void* a = objs[i - 1];
+    void* p = objs[i];
+    void* c = objs[i + 1];
+    announce(p);
     free(p);
     ebb_trim();  // p's bit is set in its span's bitmap
     clobber_free_key(p);
+    free(a);
     free(p);
-    ebb_trim();
-    free(neighbour);
+    free(c);
+    ebb_trim();  // one batch: three bits of p's word, p's already set
   });
 }
 

@@ -92,6 +92,43 @@ TEST(Threads, ManyThreadsStartAndExit) {
   EXPECT_LT(s.thread_cached_bytes, 4 * MiB);
 }
 
+// Growing a large block may move it (mremap) while other threads map and
+// register blocks: none may be lost from the registry on the way, or its
+// free() would not find it and it would stay mapped and counted live.
+TEST(Threads, LargeBlocksThatMoveOnReallocAreAllFreed) {
+  ebb_trim();
+  ebb_stats_t before;
+  ASSERT_EQ(ebb_stats(&before, sizeof before), 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; t++)
+    threads.emplace_back([t] {
+      std::mt19937 rng(static_cast<unsigned>(t) + 1);
+      // Many blocks, so that a block's neighbour is often mapped and growing
+      // it must move it.
+      std::vector<std::pair<unsigned char*, size_t>> blocks(200, {nullptr, 0});
+      for (int i = 0; i < 20000; i++) {
+        auto& [b, size] = blocks[rng() % blocks.size()];
+        if (b != nullptr && rng() % 3 == 0) {
+          free(b);
+          b = nullptr;
+          continue;
+        }
+        size = b != nullptr && rng() % 2 == 0 ? size * 3 : 130 * 1024 + rng() % (300 * 1024);
+        auto* q = static_cast<unsigned char*>(realloc(b, size));
+        ASSERT_NE(q, nullptr);
+        q[0] = q[size - 1] = static_cast<unsigned char>(i);
+        b = q;
+      }
+      for (auto& [b, size] : blocks) free(b);
+    });
+  for (auto& th : threads) th.join();
+  ebb_trim();
+  ebb_stats_t after;
+  ASSERT_EQ(ebb_stats(&after, sizeof after), 0);
+  EXPECT_EQ(after.large_live_bytes, before.large_live_bytes);
+  EXPECT_LE(after.mapped_bytes, before.mapped_bytes);
+}
+
 // The child allocates, frees and forks again; exit code 0 means all went well.
 int child_work(int depth) {
   std::vector<char*> v;
