@@ -15,10 +15,10 @@ EBB_INLINE void* alloc_class(unsigned cls, size_t size) {
   tc.allocs++;
   tc.alloc_bytes += size;
   CacheBin& cb = tc.bins[cls];
-  FreeObj* o = cb.head;
-  if (EBB_LIKELY(o != nullptr)) {
-    cb.head = o->next;
-    cb.count--;
+  const uint32_t n = cb.count;
+  if (EBB_LIKELY(n != 0)) {
+    FreeObj* o = cb.slots[n - 1];
+    cb.count = static_cast<uint16_t>(n - 1);
     o->key = 0;  // live now: a later free must not look like a double free
     return o;
   }
@@ -58,10 +58,10 @@ EBB_NOINLINE void dealloc_other(void* p);
 EBB_INLINE void cache_push(unsigned cls, FreeObj* o) {
   o->key = g_free_key;
   CacheBin& cb = t_cache.bins[cls];
-  if (EBB_LIKELY(cb.count < cb.max)) {
-    o->next = cb.head;
-    cb.head = o;
-    cb.count++;
+  const uint32_t n = cb.count;
+  if (EBB_LIKELY(n < cb.max)) {
+    cb.slots[n] = o;
+    cb.count = static_cast<uint16_t>(n + 1);
     return;
   }
   tcache_free_slow(cls, o);

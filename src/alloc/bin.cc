@@ -46,26 +46,34 @@ void list_remove(Bin& b, Span* s) {
 
 }  // namespace
 
-uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head) {
+uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** out) {
   Bin& b = g_bins[cls];
   const auto now = static_cast<uint32_t>(os::now_ms());
   uint32_t got = 0;
-  LockGuard guard(b.lock);
-  while (got < want) {
-    Span* s = b.head;
-    if (s == nullptr) {
-      s = segment_alloc_span(kClasses[cls].slices);
-      if (s == nullptr) break;
-      span_init(s, cls);
-      list_push(b, s);
-      b.spans++;
+  {
+    LockGuard guard(b.lock);
+    while (got < want) {
+      Span* s = b.head;
+      if (s == nullptr) {
+        s = segment_alloc_span(kClasses[cls].slices);
+        if (s == nullptr) break;
+        span_init(s, cls);
+        list_push(b, s);
+        b.spans++;
+      }
+      got += span_take(s, want - got, out + got);
+      s->taken = now;
+      s->cold = false;
+      if (s->full()) list_remove(b, s);
     }
-    got += span_take(s, want - got, head);
-    s->taken = now;
-    s->cold = false;
-    if (s->full()) list_remove(b, s);
+    b.out += got;
   }
-  b.out += got;
+  // Lowest address on top of the cache's stack: handed out first.
+  for (uint32_t i = 0, j = got; i + 1 < j; i++, j--) {
+    FreeObj* t = out[i];
+    out[i] = out[j - 1];
+    out[j - 1] = t;
+  }
   return got;
 }
 
@@ -116,7 +124,7 @@ EBB_INLINE void bitmap_add(const Span* s, const SpanBitmap& bits, size_t w, uint
 
 }  // namespace
 
-void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
+void bin_flush(unsigned cls, FreeObj* const* objs, uint32_t n) {
   Bin& b = g_bins[cls];
   const auto now = static_cast<uint32_t>(os::now_ms());
   const uint32_t sparse = sparse_max(cls);
@@ -137,9 +145,8 @@ void bin_flush(unsigned cls, FreeObj* head, uint32_t n) {
     size_t hint = 0;
     size_t w = 0;           // the bitmap word that `gathered` belongs to
     uint64_t gathered = 0;  // bits of word w freed by this batch, not stored yet
-    while (head != nullptr) {
-      FreeObj* o = head;
-      head = o->next;
+    for (uint32_t k = 0; k < n; k++) {
+      FreeObj* o = objs[k];
       uintptr_t off = reinterpret_cast<uintptr_t>(o) - start;
       if (off >= span_bytes) {
         if (run != 0) {

@@ -21,10 +21,11 @@
 
 namespace ebb {
 
-// A free object's first 16 bytes: the list link and a key marking it free,
-// so a second free of the same object can be recognised cheaply.
+// A free object's first 16 bytes. The key marks it free, so that a second
+// free of the same object is recognised cheaply; it sits in the second word,
+// which a late write to a freed object's first word (a reference count) leaves.
 struct FreeObj {
-  FreeObj* next;
+  uint64_t unused;
   uint64_t key;
 };
 
@@ -138,9 +139,14 @@ struct Options {
   uint32_t purge_delay_ms = 250;  // EBB_PURGE_DELAY_MS: free pages idle this long go back
   uint32_t empty_delay_ms = 30;   // EBB_EMPTY_DELAY_MS: the same for spans with at most 1/16 live
   bool background = true;         // EBB_BACKGROUND=0: no purger thread (purge on activity only)
-  uint32_t tcache_bytes = 16384;  // EBB_TCACHE_BYTES: per class and thread (0: no thread cache)
+  uint32_t tcache_bytes = 16384;  // EBB_TCACHE_BYTES: per class and thread, at most 16384 (0: no thread cache)
   uint32_t large_cache_mb = 32;   // EBB_LARGE_CACHE_MB: freed large blocks kept for reuse
   bool verbose = false;           // EBB_VERBOSE=1: print the options at start
+  // Read at start-up like the rest: the purger opens the page later, from
+  // inside some free(), and that free() may be setenv() replacing the very
+  // array getenv() would read.
+  bool telemetry = false;        // EBB_TELEMETRY=1
+  char telemetry_dir[200] = {};  // EBB_TELEMETRY_DIR ("" if unset; too long: telemetry stays off)
 };
 extern Options g_options;
 void options_load();
@@ -178,7 +184,8 @@ extern Segment* g_segments;
 // ---- spans (span.cc) --------------------------------------------------------
 void span_init(Span* s, unsigned cls);
 // Takes up to `want` objects into a list; returns how many.
-uint32_t span_take(Span* s, uint32_t want, FreeObj** head);
+// Takes up to `want` free objects from s, lowest addresses first, into out[].
+uint32_t span_take(Span* s, uint32_t want, FreeObj** out);
 // Gives pages that hold no live object back to the OS; returns bytes purged.
 size_t span_purge(Span* s);
 // The last object came back: start carving from the first slot again, so the
@@ -222,8 +229,11 @@ EBB_INLINE Span* span_of(SegmentHeader* h, const void* p) {
 }
 
 // ---- bins (bin.cc) ----------------------------------------------------------
-uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** head);
-void bin_flush(unsigned cls, FreeObj* head, uint32_t n);
+// Puts up to `want` objects in out[], the highest address first (the cache
+// hands out its last slot first). Returns how many.
+uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** out);
+// Gives the n objects objs[0..n) back to their spans.
+void bin_flush(unsigned cls, FreeObj* const* objs, uint32_t n);
 // *pending: a dirty span waits for its delay; *empty_pending: one with no
 // live object does (the purger then looks again sooner).
 // *cold_purged: a span that went cold and (almost) empty since the last pass
@@ -239,8 +249,26 @@ size_t large_release(uint64_t now, bool force, bool* pending);
 extern Lock g_large_lock;
 
 // ---- thread caches (tcache.cc) ----------------------------------------------
+// Each class's cache is a stack of pointers in the thread's ThreadCache:
+// malloc and free touch the stack, never the objects' memory (a list would
+// make every malloc read the next object, often a cache miss). Capacity per
+// class: kMaxTcacheBytes of objects, at most 128 (EBB_TCACHE_BYTES lowers it).
+constexpr size_t kMaxTcacheBytes = 16384;
+constexpr uint32_t kMaxCacheObjects = 128;
+constexpr uint32_t cache_capacity(unsigned cls) {
+  if (cls == 0) return 0;
+  const size_t n = kMaxTcacheBytes / class_to_size_calc(cls);
+  return static_cast<uint32_t>(n > kMaxCacheObjects ? kMaxCacheObjects : n);
+}
+constexpr size_t cache_slots_total() {
+  size_t n = 0;
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) n += cache_capacity(cls);
+  return n;
+}
+constexpr size_t kCacheSlots = cache_slots_total();
+
 struct CacheBin {
-  FreeObj* head;
+  FreeObj** slots;  // this class's part of ThreadCache::slots; [0, count) hold objects, oldest first
   uint16_t count;
   uint16_t max;
   uint16_t batch;  // objects the next refill asks for: starts small, doubles up to max/2
@@ -253,6 +281,7 @@ struct ThreadCache {
   int state;             // 0 new, 1 active, 2 thread exiting: bypass the cache
   ThreadCache* next;     // registry of live caches, for stats
   ThreadCache* prev;
+  FreeObj* slots[kCacheSlots];
 };
 extern __thread ThreadCache t_cache __attribute__((tls_model("initial-exec")));
 void* tcache_alloc_slow(unsigned cls);

@@ -3,6 +3,8 @@
 #include <stdlib.h>
 #include <sys/auxv.h>
 
+#include <cstring>
+
 #include "heap.h"
 #include "os.h"
 
@@ -59,9 +61,22 @@ void options_load() {
   if (env_u32("EBB_PURGE_DELAY_MS", &v)) g_options.purge_delay_ms = v;
   if (env_u32("EBB_EMPTY_DELAY_MS", &v)) g_options.empty_delay_ms = v;
   if (env_u32("EBB_BACKGROUND", &v)) g_options.background = v != 0;
-  if (env_u32("EBB_TCACHE_BYTES", &v)) g_options.tcache_bytes = v > 1048576 ? 1048576 : v;
+  if (env_u32("EBB_TCACHE_BYTES", &v)) g_options.tcache_bytes = v > kMaxTcacheBytes ? kMaxTcacheBytes : v;
   if (env_u32("EBB_LARGE_CACHE_MB", &v)) g_options.large_cache_mb = v;
   if (env_u32("EBB_VERBOSE", &v)) g_options.verbose = v != 0;
+  const char* t = getenv("EBB_TELEMETRY");
+  g_options.telemetry = t != nullptr && t[0] == '1';
+  const char* dir = getenv("EBB_TELEMETRY_DIR");
+  g_options.telemetry_dir[0] = 0;
+  if (dir != nullptr) {
+    const size_t n = strlen(dir);
+    if (n < sizeof g_options.telemetry_dir) {
+      memcpy(g_options.telemetry_dir, dir, n + 1);
+    } else if (g_options.telemetry) {
+      os::write_err("ebb: telemetry off: EBB_TELEMETRY_DIR is too long\n");
+      g_options.telemetry = false;
+    }
+  }
 }
 
 void ensure_init() {

@@ -17,8 +17,9 @@ void free_suspect(Span* s, FreeObj* o, const char* what) {
   // thread's cache, then in the span's free slots. A live object whose bytes
   // happen to match the key costs this search and is then freed as usual.
   unsigned cls = s->cls;
-  for (FreeObj* c = t_cache.bins[cls].head; c != nullptr; c = c->next)
-    if (c == o) os::fatal_pointer(what, "double free", o);
+  const CacheBin& cb = t_cache.bins[cls];
+  for (uint32_t i = 0; i < cb.count; i++)
+    if (cb.slots[i] == o) os::fatal_pointer(what, "double free", o);
   bool found;
   {
     LockGuard guard(g_bins[cls].lock);

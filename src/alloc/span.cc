@@ -165,13 +165,11 @@ void span_init(Span* s, unsigned cls) {
   memset(static_cast<void*>(&seg->spans[s->slice + 1]), 0, sizeof(Span) * (s->nslices - 1u));
 }
 
-uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
+uint32_t span_take(Span* s, uint32_t want, FreeObj** out) {
   const uint32_t size = kClasses[s->cls].size;
   const uint32_t cap = kClasses[s->cls].capacity;
   if (s->nfree == 0 && s->bump == cap && s->parked > 0) unpark(s);
   uint32_t got = 0;
-  FreeObj* first = nullptr;
-  FreeObj** tail = &first;
   if (s->nfree > 0) {
     // Lowest addresses first: a batch lands on as few pages as possible.
     const SpanBitmap bits(s);
@@ -182,10 +180,7 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
       while (m != 0 && got < want) {
         size_t i = w * 64 + static_cast<size_t>(__builtin_ctzll(m));
         m &= m - 1;
-        auto* o = reinterpret_cast<FreeObj*>(s->start + i * size);
-        *tail = o;
-        tail = &o->next;
-        got++;
+        out[got++] = reinterpret_cast<FreeObj*>(s->start + i * size);
       }
       bits[w] = m;
       if (m != 0) break;
@@ -200,17 +195,10 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** head) {
       for (size_t pg = first_page(s->bump, size); pg <= last_page(s->bump + n - 1, size); pg++) clear_purged(s, pg);
     }
     uint8_t* p = s->start + size_t{s->bump} * size;
-    for (uint32_t i = 0; i < n; i++, p += size) {
-      auto* o = reinterpret_cast<FreeObj*>(p);
-      *tail = o;
-      tail = &o->next;
-    }
+    for (uint32_t i = 0; i < n; i++, p += size) out[got++] = reinterpret_cast<FreeObj*>(p);
     s->bump += n;
     if (s->bump > s->high) s->high = static_cast<uint16_t>(s->bump);
-    got += n;
   }
-  *tail = *head;
-  *head = first;
   s->used += got;
   return got;
 }

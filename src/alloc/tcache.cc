@@ -47,6 +47,11 @@ void on_thread_exit(void* arg) {
 void tcache_init(ThreadCache* tc) {
   ensure_init();
   tc->state = 1;  // first: what follows may allocate and must not recurse here
+  size_t at = 0;
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) {
+    tc->bins[cls].slots = &tc->slots[at];
+    at += cache_capacity(cls);
+  }
   for (unsigned cls = 1; cls <= kNumClasses; cls++) {
     // A class gets its cache only once it is in use: its first kColdCalls
     // allocations and frees go straight to the bin (max 0). Most classes a
@@ -69,14 +74,14 @@ void tcache_init(ThreadCache* tc) {
   threads_started();
 }
 
-// The cache a class gets once warm: tcache_bytes of objects, at most 128;
-// classes bigger than the budget are not cached: an idle thread's cache
-// cannot be purged, and two 100 KiB buffers kept per class and thread would
-// cost more resident memory than the lock they save is worth. The first
-// refill takes one object and the batch doubles from there.
+// The cache a class gets once warm: tcache_bytes of objects, at most 128
+// (cache_capacity); classes bigger than the budget are not cached: an idle
+// thread's cache cannot be purged, and two 100 KiB buffers kept per class
+// and thread would cost more resident memory than the lock they save is
+// worth. The first refill takes one object and the batch doubles from there.
 void warm_up(unsigned cls, CacheBin& cb) {
   size_t n = g_options.tcache_bytes / class_size(cls);
-  cb.max = static_cast<uint16_t>(n > 128 ? 128 : n);
+  cb.max = static_cast<uint16_t>(n < cache_capacity(cls) ? n : cache_capacity(cls));
   cb.batch = static_cast<uint16_t>(cb.max >= 2 ? 1 : 0);
 }
 
@@ -85,20 +90,12 @@ EBB_INLINE void count_cold(ThreadCache* tc, unsigned cls, CacheBin& cb) {
   if (EBB_UNLIKELY(cb.cold != 0) && tc->state == 1 && --cb.cold == 0) warm_up(cls, cb);
 }
 
-// Flushes the objects after the first `keep` of a cache bin.
-void flush_tail(unsigned cls, CacheBin& cb, uint32_t keep) {
+// Flushes all but the `keep` most recently freed objects of a cache bin.
+void flush_oldest(unsigned cls, CacheBin& cb, uint32_t keep) {
   if (cb.count <= keep) return;
-  FreeObj* rest;
-  if (keep == 0) {
-    rest = cb.head;
-    cb.head = nullptr;
-  } else {
-    FreeObj* last = cb.head;
-    for (uint32_t i = 1; i < keep; i++) last = last->next;
-    rest = last->next;
-    last->next = nullptr;
-  }
-  bin_flush(cls, rest, cb.count - keep);
+  const uint32_t n = cb.count - keep;
+  bin_flush(cls, cb.slots, n);
+  for (uint32_t i = 0; i < keep; i++) cb.slots[i] = cb.slots[n + i];
   cb.count = static_cast<uint16_t>(keep);
 }
 
@@ -110,21 +107,28 @@ void* tcache_alloc_slow(unsigned cls) {
   if (tc->state == 0) tcache_init(tc);
   CacheBin& cb = tc->bins[cls];
   count_cold(tc, cls, cb);
-  if (cb.head == nullptr) {
+  if (cb.count == 0) {
     // A class used once should not cost a whole batch of touched memory: the
     // refill size starts at a few objects and doubles with use up to max/2.
     uint32_t want = cb.batch > 0 ? cb.batch : 1;
-    if (want < cb.max / 2) cb.batch = static_cast<uint16_t>(want * 2 < cb.max / 2 ? want * 2 : cb.max / 2);
-    uint32_t got = bin_refill(cls, want, &cb.head);
+    if (want < cb.max / 2u) cb.batch = static_cast<uint16_t>(want * 2 < cb.max / 2u ? want * 2 : cb.max / 2u);
+    if (cb.max == 0) {  // no cache (cold class, exiting thread, EBB_TCACHE_BYTES=0): one object
+      FreeObj* o = nullptr;
+      if (bin_refill(cls, 1, &o) == 0) {
+        errno = ENOMEM;
+        return nullptr;
+      }
+      o->key = 0;
+      return o;
+    }
+    uint32_t got = bin_refill(cls, want, cb.slots);
     if (got == 0) {
       errno = ENOMEM;
       return nullptr;
     }
-    cb.count = static_cast<uint16_t>(cb.count + got);
+    cb.count = static_cast<uint16_t>(got);
   }
-  FreeObj* o = cb.head;
-  cb.head = o->next;
-  cb.count--;
+  FreeObj* o = cb.slots[--cb.count];
   o->key = 0;
   return o;
 }
@@ -135,21 +139,18 @@ void tcache_free_slow(unsigned cls, FreeObj* obj) {
   CacheBin& cb = tc->bins[cls];
   count_cold(tc, cls, cb);
   if (cb.count >= cb.max) {
-    if (cb.max <= 1) {  // no cache (exiting thread, or EBB_TCACHE_BYTES=0)
-      obj->next = nullptr;
-      bin_flush(cls, obj, 1);
+    if (cb.max <= 1) {  // no cache (cold class, exiting thread, or EBB_TCACHE_BYTES=0)
+      bin_flush(cls, &obj, 1);
       return;
     }
     // Keep the most recently freed half: they are the ones still in the CPU cache.
-    flush_tail(cls, cb, cb.max / 2);
+    flush_oldest(cls, cb, cb.max / 2u);
   }
-  obj->next = cb.head;
-  cb.head = obj;
-  cb.count++;
+  cb.slots[cb.count++] = obj;
 }
 
 void tcache_flush_all(ThreadCache* tc) {
-  for (unsigned cls = 1; cls <= kNumClasses; cls++) flush_tail(cls, tc->bins[cls], 0);
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) flush_oldest(cls, tc->bins[cls], 0);
 }
 
 }  // namespace ebb

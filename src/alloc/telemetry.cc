@@ -51,7 +51,7 @@ bool append(char* dst, size_t cap, const char* s) {
 // The directory: $EBB_TELEMETRY_DIR, else /dev/shm/ebb-<uid>. It must be a
 // real directory (not a symlink) owned by us and closed to everyone else.
 bool make_dir(char* dir, size_t cap) {
-  const char* env = getenv("EBB_TELEMETRY_DIR");
+  const char* env = g_options.telemetry_dir;
   char num[24];
   dir[0] = 0;
   if (env != nullptr && *env != 0) {
@@ -73,10 +73,7 @@ bool make_dir(char* dir, size_t cap) {
 
 }  // namespace
 
-bool telemetry_wanted() {
-  const char* v = getenv("EBB_TELEMETRY");
-  return v != nullptr && v[0] == '1';
-}
+bool telemetry_wanted() { return g_options.telemetry; }
 
 telemetry::Page* telemetry_page() { return g_page; }
 
