@@ -15,10 +15,11 @@ EBB_INLINE void* alloc_class(unsigned cls, size_t size) {
   tc.allocs++;
   tc.alloc_bytes += size;
   CacheBin& cb = tc.bins[cls];
-  const uint32_t n = cb.count;
+  size_t n = cb.count;
   if (EBB_LIKELY(n != 0)) {
-    FreeObj* o = cb.slots[n - 1];
-    cb.count = static_cast<uint16_t>(n - 1);
+    n--;
+    FreeObj* o = cb.slots[n];
+    cb.count = static_cast<uint16_t>(n);
     o->key = 0;  // live now: a later free must not look like a double free
     return o;
   }
@@ -58,7 +59,7 @@ EBB_NOINLINE void dealloc_other(void* p);
 EBB_INLINE void cache_push(unsigned cls, FreeObj* o) {
   o->key = g_free_key;
   CacheBin& cb = t_cache.bins[cls];
-  const uint32_t n = cb.count;
+  const size_t n = cb.count;
   if (EBB_LIKELY(n < cb.max)) {
     cb.slots[n] = o;
     cb.count = static_cast<uint16_t>(n + 1);
