@@ -15,11 +15,10 @@ EBB_INLINE void* alloc_class(unsigned cls, size_t size) {
   tc.allocs++;
   tc.alloc_bytes += size;
   CacheBin& cb = tc.bins[cls];
-  size_t n = cb.count;
-  if (EBB_LIKELY(n != 0)) {
-    n--;
-    FreeObj* o = cb.slots[n];
-    cb.count = static_cast<uint16_t>(n);
+  FreeObj** top = cb.top;
+  if (EBB_LIKELY(lo16(top) != cb.low)) {
+    FreeObj* o = *--top;
+    cb.top = top;
     o->key = 0;  // live now: a later free must not look like a double free
     return o;
   }
@@ -59,10 +58,10 @@ EBB_NOINLINE void dealloc_other(void* p);
 EBB_INLINE void cache_push(unsigned cls, FreeObj* o) {
   o->key = g_free_key;
   CacheBin& cb = t_cache.bins[cls];
-  const size_t n = cb.count;
-  if (EBB_LIKELY(n < cb.max)) {
-    cb.slots[n] = o;
-    cb.count = static_cast<uint16_t>(n + 1);
+  FreeObj** top = cb.top;
+  if (EBB_LIKELY(lo16(top) != cb.high)) {
+    *top = o;
+    cb.top = top + 1;
     return;
   }
   tcache_free_slow(cls, o);

@@ -267,12 +267,24 @@ constexpr size_t cache_slots_total() {
 }
 constexpr size_t kCacheSlots = cache_slots_total();
 
+// The low 16 bits of an address. A class's stack is under 64 KiB, so they
+// tell its slots apart.
+EBB_INLINE uint16_t lo16(const void* p) { return static_cast<uint16_t>(reinterpret_cast<uintptr_t>(p)); }
+
+// A class's stack: its part of ThreadCache::slots, oldest object first. The
+// fast paths read only `top` and compare its low bits with `low` (empty) or
+// `high` (full), as jemalloc's cache bins do: no count to load and store.
 struct CacheBin {
-  FreeObj** slots;  // this class's part of ThreadCache::slots; [0, count) hold objects, oldest first
-  uint16_t count;
-  uint16_t max;
+  FreeObj** top;   // one past the newest object
+  uint16_t low;    // lo16 of the first slot: empty when lo16(top) == low
+  uint16_t high;   // lo16 of the slot past the last usable one: full when lo16(top) == high
   uint16_t batch;  // objects the next refill asks for: starts small, doubles up to max/2
   uint16_t cold;   // slow-path calls left before this class gets a cache (0: it has one)
+
+  uint32_t count() const { return static_cast<uint16_t>(lo16(top) - low) / sizeof(FreeObj*); }
+  uint32_t max() const { return static_cast<uint16_t>(high - low) / sizeof(FreeObj*); }
+  FreeObj** base() const { return top - count(); }
+  void set_max(uint32_t n) { high = static_cast<uint16_t>(low + n * sizeof(FreeObj*)); }
 };
 struct ThreadCache {
   CacheBin bins[kNumClasses + 1];

@@ -18,8 +18,8 @@ void free_suspect(Span* s, FreeObj* o, const char* what) {
   // happen to match the key costs this search and is then freed as usual.
   unsigned cls = s->cls;
   const CacheBin& cb = t_cache.bins[cls];
-  for (uint32_t i = 0; i < cb.count; i++)
-    if (cb.slots[i] == o) os::fatal_pointer(what, "double free", o);
+  for (FreeObj** c = cb.base(); c != cb.top; c++)
+    if (*c == o) os::fatal_pointer(what, "double free", o);
   bool found;
   {
     LockGuard guard(g_bins[cls].lock);

@@ -39,8 +39,11 @@ uint64_t thread_cached_bytes() {
   uint64_t bytes = 0;
   LockGuard guard(g_tcache_lock);
   for (ThreadCache* tc = g_tcaches; tc != nullptr; tc = tc->next)
-    for (unsigned cls = 1; cls <= kNumClasses; cls++)
-      bytes += uint64_t{__atomic_load_n(&tc->bins[cls].count, __ATOMIC_RELAXED)} * class_size(cls);
+    for (unsigned cls = 1; cls <= kNumClasses; cls++) {
+      const CacheBin& cb = tc->bins[cls];
+      const uint16_t top = lo16(__atomic_load_n(&cb.top, __ATOMIC_RELAXED));
+      bytes += uint64_t{static_cast<uint16_t>(top - cb.low) / sizeof(FreeObj*)} * class_size(cls);
+    }
   return bytes;
 }
 

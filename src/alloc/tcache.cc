@@ -36,7 +36,10 @@ void on_thread_exit(void* arg) {
   auto* tc = static_cast<ThreadCache*>(arg);
   tcache_flush_all(tc);
   tc->state = 2;
-  for (CacheBin& cb : tc->bins) cb.max = cb.batch = cb.cold = 0;  // from now on one object at a time
+  for (CacheBin& cb : tc->bins) {  // from now on one object at a time
+    cb.set_max(0);
+    cb.batch = cb.cold = 0;
+  }
   g_counters.released_allocs.fetch_add(tc->allocs, std::memory_order_relaxed);
   g_counters.released_bytes.fetch_add(tc->alloc_bytes, std::memory_order_relaxed);
   tc->allocs = tc->alloc_bytes = 0;
@@ -49,7 +52,9 @@ void tcache_init(ThreadCache* tc) {
   tc->state = 1;  // first: what follows may allocate and must not recurse here
   size_t at = 0;
   for (unsigned cls = 1; cls <= kNumClasses; cls++) {
-    tc->bins[cls].slots = &tc->slots[at];
+    CacheBin& cb = tc->bins[cls];
+    cb.top = &tc->slots[at];
+    cb.low = cb.high = lo16(cb.top);
     at += cache_capacity(cls);
   }
   for (unsigned cls = 1; cls <= kNumClasses; cls++) {
@@ -58,7 +63,6 @@ void tcache_init(ThreadCache* tc) {
     // program touches are used a few times (a growing list passes through
     // dozens of classes once), and what sits in a cache stays resident and
     // is never purged: an idle CPython held ~300 KB in its cache that way.
-    tc->bins[cls].max = 0;
     tc->bins[cls].batch = 0;
     tc->bins[cls].cold = kColdCalls;
   }
@@ -81,8 +85,8 @@ void tcache_init(ThreadCache* tc) {
 // worth. The first refill takes one object and the batch doubles from there.
 void warm_up(unsigned cls, CacheBin& cb) {
   size_t n = g_options.tcache_bytes / class_size(cls);
-  cb.max = static_cast<uint16_t>(n < cache_capacity(cls) ? n : cache_capacity(cls));
-  cb.batch = static_cast<uint16_t>(cb.max >= 2 ? 1 : 0);
+  cb.set_max(static_cast<uint32_t>(n < cache_capacity(cls) ? n : cache_capacity(cls)));
+  cb.batch = static_cast<uint16_t>(cb.max() >= 2 ? 1 : 0);
 }
 
 // Counts a slow-path call of a class that has no cache yet.
@@ -92,11 +96,13 @@ EBB_INLINE void count_cold(ThreadCache* tc, unsigned cls, CacheBin& cb) {
 
 // Flushes all but the `keep` most recently freed objects of a cache bin.
 void flush_oldest(unsigned cls, CacheBin& cb, uint32_t keep) {
-  if (cb.count <= keep) return;
-  const uint32_t n = cb.count - keep;
-  bin_flush(cls, cb.slots, n);
-  for (uint32_t i = 0; i < keep; i++) cb.slots[i] = cb.slots[n + i];
-  cb.count = static_cast<uint16_t>(keep);
+  const uint32_t count = cb.count();
+  if (count <= keep) return;
+  const uint32_t n = count - keep;
+  FreeObj** base = cb.base();
+  bin_flush(cls, base, n);
+  for (uint32_t i = 0; i < keep; i++) base[i] = base[n + i];
+  cb.top = base + keep;
 }
 
 }  // namespace
@@ -107,12 +113,13 @@ void* tcache_alloc_slow(unsigned cls) {
   if (tc->state == 0) tcache_init(tc);
   CacheBin& cb = tc->bins[cls];
   count_cold(tc, cls, cb);
-  if (cb.count == 0) {
+  if (lo16(cb.top) == cb.low) {
     // A class used once should not cost a whole batch of touched memory: the
     // refill size starts at a few objects and doubles with use up to max/2.
     uint32_t want = cb.batch > 0 ? cb.batch : 1;
-    if (want < cb.max / 2u) cb.batch = static_cast<uint16_t>(want * 2 < cb.max / 2u ? want * 2 : cb.max / 2u);
-    if (cb.max == 0) {  // no cache (cold class, exiting thread, EBB_TCACHE_BYTES=0): one object
+    const uint32_t max = cb.max();
+    if (want < max / 2) cb.batch = static_cast<uint16_t>(want * 2 < max / 2 ? want * 2 : max / 2);
+    if (max == 0) {  // no cache (cold class, exiting thread, EBB_TCACHE_BYTES=0): one object
       FreeObj* o = nullptr;
       if (bin_refill(cls, 1, &o) == 0) {
         errno = ENOMEM;
@@ -121,14 +128,14 @@ void* tcache_alloc_slow(unsigned cls) {
       o->key = 0;
       return o;
     }
-    uint32_t got = bin_refill(cls, want, cb.slots);
+    uint32_t got = bin_refill(cls, want, cb.top);
     if (got == 0) {
       errno = ENOMEM;
       return nullptr;
     }
-    cb.count = static_cast<uint16_t>(got);
+    cb.top += got;
   }
-  FreeObj* o = cb.slots[--cb.count];
+  FreeObj* o = *--cb.top;
   o->key = 0;
   return o;
 }
@@ -138,15 +145,15 @@ void tcache_free_slow(unsigned cls, FreeObj* obj) {
   if (tc->state == 0) tcache_init(tc);
   CacheBin& cb = tc->bins[cls];
   count_cold(tc, cls, cb);
-  if (cb.count >= cb.max) {
-    if (cb.max <= 1) {  // no cache (cold class, exiting thread, or EBB_TCACHE_BYTES=0)
+  if (lo16(cb.top) == cb.high) {
+    if (cb.max() <= 1) {  // no cache (cold class, exiting thread, or EBB_TCACHE_BYTES=0)
       bin_flush(cls, &obj, 1);
       return;
     }
     // Keep the most recently freed half: they are the ones still in the CPU cache.
-    flush_oldest(cls, cb, cb.max / 2u);
+    flush_oldest(cls, cb, cb.max() / 2);
   }
-  cb.slots[cb.count++] = obj;
+  *cb.top++ = obj;
 }
 
 void tcache_flush_all(ThreadCache* tc) {
