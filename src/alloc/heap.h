@@ -293,7 +293,11 @@ struct ThreadCache {
   int state;             // 0 new, 1 active, 2 thread exiting: bypass the cache
   ThreadCache* next;     // registry of live caches, for stats
   ThreadCache* prev;
-  FreeObj* slots[kCacheSlots];
+  // The stacks of all classes: kCacheSlots pointers, mapped when the thread
+  // first allocates (tcache.cc). Not in the thread-local block itself: glibc
+  // carves that from each thread's stack, and 24 KiB more would fail threads
+  // made with small stacks (32 KiB is Python's threading.stack_size minimum).
+  FreeObj** slots;
 };
 extern __thread ThreadCache t_cache __attribute__((tls_model("initial-exec")));
 void* tcache_alloc_slow(unsigned cls);

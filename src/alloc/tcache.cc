@@ -30,16 +30,29 @@ void tcache_unregister(ThreadCache* tc) {
   tc->next = tc->prev = nullptr;
 }
 
+constexpr size_t kSlotBytes = (kCacheSlots * sizeof(FreeObj*) + kPageSize - 1) & ~(kPageSize - 1);
+
+// The stacks of a thread that has none (before its first allocation, after
+// it exits, or if mapping them failed): every bin empty and full at once.
+FreeObj* g_no_slots[1];
+
+void no_cache(ThreadCache* tc) {
+  for (CacheBin& cb : tc->bins) {  // one object at a time
+    cb.top = g_no_slots;
+    cb.low = cb.high = lo16(g_no_slots);
+    cb.batch = cb.cold = 0;
+  }
+}
+
 // Thread exit: hand every cached object back and serve later calls (from
 // other destructors) straight from the bins.
 void on_thread_exit(void* arg) {
   auto* tc = static_cast<ThreadCache*>(arg);
   tcache_flush_all(tc);
   tc->state = 2;
-  for (CacheBin& cb : tc->bins) {  // from now on one object at a time
-    cb.set_max(0);
-    cb.batch = cb.cold = 0;
-  }
+  no_cache(tc);
+  if (tc->slots != nullptr) os::unmap(tc->slots, kSlotBytes);
+  tc->slots = nullptr;
   g_counters.released_allocs.fetch_add(tc->allocs, std::memory_order_relaxed);
   g_counters.released_bytes.fetch_add(tc->alloc_bytes, std::memory_order_relaxed);
   tc->allocs = tc->alloc_bytes = 0;
@@ -50,12 +63,18 @@ void on_thread_exit(void* arg) {
 void tcache_init(ThreadCache* tc) {
   ensure_init();
   tc->state = 1;  // first: what follows may allocate and must not recurse here
-  size_t at = 0;
-  for (unsigned cls = 1; cls <= kNumClasses; cls++) {
-    CacheBin& cb = tc->bins[cls];
-    cb.top = &tc->slots[at];
-    cb.low = cb.high = lo16(cb.top);
-    at += cache_capacity(cls);
+  // Pages of the stacks become resident only for the classes in use.
+  tc->slots = static_cast<FreeObj**>(os::map_aligned(kSlotBytes, kPageSize));
+  if (tc->slots == nullptr) {
+    no_cache(tc);  // no memory for the stacks: this thread goes to the bins for every object
+  } else {
+    size_t at = 0;
+    for (unsigned cls = 1; cls <= kNumClasses; cls++) {
+      CacheBin& cb = tc->bins[cls];
+      cb.top = &tc->slots[at];
+      cb.low = cb.high = lo16(cb.top);
+      at += cache_capacity(cls);
+    }
   }
   for (unsigned cls = 1; cls <= kNumClasses; cls++) {
     // A class gets its cache only once it is in use: its first kColdCalls
@@ -64,7 +83,7 @@ void tcache_init(ThreadCache* tc) {
     // dozens of classes once), and what sits in a cache stays resident and
     // is never purged: an idle CPython held ~300 KB in its cache that way.
     tc->bins[cls].batch = 0;
-    tc->bins[cls].cold = kColdCalls;
+    tc->bins[cls].cold = tc->slots != nullptr ? kColdCalls : 0;
   }
   {
     LockGuard guard(g_tcache_lock);
@@ -99,10 +118,14 @@ void flush_oldest(unsigned cls, CacheBin& cb, uint32_t keep) {
   const uint32_t count = cb.count();
   if (count <= keep) return;
   const uint32_t n = count - keep;
+  FreeObj* batch[kMaxCacheObjects];
   FreeObj** base = cb.base();
-  bin_flush(cls, base, n);
+  for (uint32_t i = 0; i < n; i++) batch[i] = base[i];
   for (uint32_t i = 0; i < keep; i++) base[i] = base[n + i];
   cb.top = base + keep;
+  // The stack is whole again before bin_flush: it may start the purger, and
+  // creating a thread allocates, perhaps from this very stack.
+  bin_flush(cls, batch, n);
 }
 
 }  // namespace

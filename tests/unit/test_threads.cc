@@ -129,6 +129,29 @@ TEST(Threads, LargeBlocksThatMoveOnReallocAreAllFreed) {
   EXPECT_LE(after.mapped_bytes, before.mapped_bytes);
 }
 
+// glibc carves a thread's thread-local block out of its stack: libebb's
+// must leave room in the smallest stacks (16 KiB, and Python's minimum 32).
+TEST(Threads, ThreadsWithSmallStacksStartAndAllocate) {
+  for (size_t stack : {size_t{16384}, size_t{32768}}) {
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    ASSERT_EQ(pthread_attr_setstacksize(&attr, stack), 0);
+    pthread_t t;
+    int rc = pthread_create(
+        &t, &attr,
+        [](void*) -> void* {
+          void* p[200];
+          for (void*& q : p) q = malloc(64);
+          for (void* q : p) free(q);
+          return nullptr;
+        },
+        nullptr);
+    pthread_attr_destroy(&attr);
+    ASSERT_EQ(rc, 0) << "stack " << stack << ": " << strerror(rc);
+    pthread_join(t, nullptr);
+  }
+}
+
 // The child allocates, frees and forks again; exit code 0 means all went well.
 int child_work(int depth) {
   std::vector<char*> v;
