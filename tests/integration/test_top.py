@@ -57,8 +57,9 @@ def test_screen_in_80x24_sorts_and_quits(ebb_bin, sleeper, tmp_path):
             time.sleep(0.1)
         assert "sort: pss" in screen()
         subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
+        # The shell creates the file before echo writes to it: wait for the line.
         deadline = time.time() + 10
-        while not done.exists() and time.time() < deadline:
+        while not (done.exists() and done.read_text().endswith("\n")) and time.time() < deadline:
             time.sleep(0.1)
         assert done.read_text().strip() == "0"
     finally:
