@@ -317,6 +317,9 @@ void purge_notify(bool emptied = false, bool cold = false);
 // delay. Sets *pending when something stays for a later pass. Returns bytes.
 size_t purge_all(bool force, bool* pending, bool* empty_pending = nullptr, bool* cold_purged = nullptr);
 void purger_after_fork_child();
+// The delays changed (tests set g_options): wake the purger, which may be
+// sleeping out a tick computed from the old ones, so that it looks again.
+void purger_options_changed();
 
 // Threads that have a thread cache and have not exited. When the last one
 // leaves through pthread_exit, the purger must leave too: a process lives as

@@ -183,6 +183,8 @@ size_t purge_all(bool force, bool* pending, bool* empty_pending, bool* cold_purg
   return bytes;
 }
 
+void purger_options_changed() { wake_purger(); }
+
 void purger_after_fork_child() {
   // The purger thread does not exist in the child. The next batch of frees
   // starts a new one, which first looks at what the parent left dirty.
