@@ -1,6 +1,8 @@
 // Bins: per size class, the spans that have free objects, behind one lock.
 // Threads come here only in batches (refill, flush), so the lock is taken
 // once per several dozen malloc/free calls, never on the fast path.
+#include <algorithm>
+
 #include "heap.h"
 #include "os.h"
 
@@ -68,12 +70,7 @@ uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** out) {
     }
     b.out += got;
   }
-  // Lowest address on top of the cache's stack: handed out first.
-  for (uint32_t i = 0, j = got; i + 1 < j; i++, j--) {
-    FreeObj* t = out[i];
-    out[i] = out[j - 1];
-    out[j - 1] = t;
-  }
+  std::reverse(out, out + got);  // lowest address on top of the cache's stack: handed out first
   return got;
 }
 

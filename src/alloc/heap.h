@@ -183,7 +183,6 @@ extern Segment* g_segments;
 
 // ---- spans (span.cc) --------------------------------------------------------
 void span_init(Span* s, unsigned cls);
-// Takes up to `want` objects into a list; returns how many.
 // Takes up to `want` free objects from s, lowest addresses first, into out[].
 uint32_t span_take(Span* s, uint32_t want, FreeObj** out);
 // Gives pages that hold no live object back to the OS; returns bytes purged.
@@ -249,8 +248,8 @@ size_t large_release(uint64_t now, bool force, bool* pending);
 extern Lock g_large_lock;
 
 // ---- thread caches (tcache.cc) ----------------------------------------------
-// Each class's cache is a stack of pointers in the thread's ThreadCache:
-// malloc and free touch the stack, never the objects' memory (a list would
+// Each class's cache is a stack of pointers (in ThreadCache::slots, a
+// mapping per thread): malloc and free touch the stack, never the objects' memory (a list would
 // make every malloc read the next object, often a cache miss). Capacity per
 // class: kMaxTcacheBytes of objects, at most 128 (EBB_TCACHE_BYTES lowers it).
 constexpr size_t kMaxTcacheBytes = 16384;
@@ -281,7 +280,9 @@ struct CacheBin {
   uint16_t batch;  // objects the next refill asks for: starts small, doubles up to max/2
   uint16_t cold;   // slow-path calls left before this class gets a cache (0: it has one)
 
-  uint32_t count() const { return static_cast<uint16_t>(lo16(top) - low) / sizeof(FreeObj*); }
+  // Objects below `t`, a value of `top` (stats read another thread's).
+  uint32_t count_at(const FreeObj* const* t) const { return static_cast<uint16_t>(lo16(t) - low) / sizeof(FreeObj*); }
+  uint32_t count() const { return count_at(top); }
   uint32_t max() const { return static_cast<uint16_t>(high - low) / sizeof(FreeObj*); }
   FreeObj** base() const { return top - count(); }
   void set_max(uint32_t n) { high = static_cast<uint16_t>(low + n * sizeof(FreeObj*)); }

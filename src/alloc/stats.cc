@@ -41,8 +41,7 @@ uint64_t thread_cached_bytes() {
   for (ThreadCache* tc = g_tcaches; tc != nullptr; tc = tc->next)
     for (unsigned cls = 1; cls <= kNumClasses; cls++) {
       const CacheBin& cb = tc->bins[cls];
-      const uint16_t top = lo16(__atomic_load_n(&cb.top, __ATOMIC_RELAXED));
-      bytes += uint64_t{static_cast<uint16_t>(top - cb.low) / sizeof(FreeObj*)} * class_size(cls);
+      bytes += uint64_t{cb.count_at(__atomic_load_n(&cb.top, __ATOMIC_RELAXED))} * class_size(cls);
     }
   return bytes;
 }

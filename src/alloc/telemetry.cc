@@ -54,7 +54,7 @@ bool make_dir(char* dir, size_t cap) {
   const char* env = g_options.telemetry_dir;
   char num[24];
   dir[0] = 0;
-  if (env != nullptr && *env != 0) {
+  if (*env != 0) {
     if (!append(dir, cap, env)) return false;
   } else if (!append(dir, cap, "/dev/shm/ebb-") || !append(dir, cap, os::fmt_dec(num, geteuid()))) {
     return false;
