@@ -3,6 +3,15 @@
 // Freed blocks wait in a small cache (bounded in count and bytes) for the
 // purge delay, so a program that allocates and frees big buffers in a loop
 // does not pay mmap + page faults every time; then they are unmapped.
+//
+// A cached block is handed out whole, even when it is bigger than asked
+// for: its pages are resident already, and a buffer that then grows by
+// realloc (a list or a string being built, as CPython does each round of a
+// loop) grows into them with no page faults and no syscall. Such a tail
+// beyond the request is *slack*; so is what a shrinking realloc leaves. The
+// purger unmaps slack once it has waited the purge delay, as it unmaps
+// cached blocks. malloc_usable_size() never counts slack: the program must
+// not write where the purger may unmap.
 #include <errno.h>
 #include <sys/mman.h>
 
@@ -20,12 +29,47 @@ namespace {
 constexpr unsigned kCacheSlots = 8;
 struct CacheEntry {
   SegmentHeader* seg;
-  uint32_t since;
+  uint32_t since;  // now_ms() when it was freed (cache) or got its slack (g_slack)
 };
 CacheEntry g_cache[kCacheSlots];
 unsigned g_cached = 0;
+// Live blocks with slack, under g_large_lock like the cache. A block that
+// does not fit here gets its tail unmapped at once.
+CacheEntry g_slack[kCacheSlots];
+unsigned g_slacks = 0;
 
 size_t round_page(size_t n) { return (n + kPageSize - 1) & ~(kPageSize - 1); }
+
+// The part of a live block's mapping that the object uses: header page(s)
+// and the request, in whole pages. The rest of map_size is slack.
+size_t used_size(const SegmentHeader* h) { return round_page(h->offset + h->request); }
+
+// Unmaps block h's mapping from `keep` bytes on.
+void unmap_tail(SegmentHeader* h, size_t keep) {
+  if (h->map_size <= keep) return;
+  os::unmap(reinterpret_cast<char*>(h) + keep, h->map_size - keep);
+  g_counters.mapped.fetch_sub(h->map_size - keep, std::memory_order_relaxed);
+  g_counters.unmapped_total.fetch_add(h->map_size - keep, std::memory_order_relaxed);
+  h->map_size = keep;
+}
+
+// Slack table operations; the caller holds g_large_lock.
+bool slack_add(SegmentHeader* h) {
+  for (unsigned i = 0; i < g_slacks; i++)
+    if (g_slack[i].seg == h) return true;  // already waiting: keeps its time
+  if (g_slacks == kCacheSlots) return false;
+  g_slack[g_slacks++] = {h, static_cast<uint32_t>(os::now_ms())};
+  return true;
+}
+
+void slack_remove(SegmentHeader* h) {
+  for (unsigned i = 0; i < g_slacks; i++) {
+    if (g_slack[i].seg == h) {
+      g_slack[i] = g_slack[--g_slacks];
+      return;
+    }
+  }
+}
 
 // Registers or unregisters a large block under the chunk free() will mask to.
 void register_block(SegmentHeader* h, bool on) {
@@ -44,8 +88,9 @@ void unmap_block(SegmentHeader* h) {
   g_counters.unmapped_total.fetch_add(size, std::memory_order_relaxed);
 }
 
-// Best-fitting cached block of at least `need` bytes, trimmed to `need`.
-SegmentHeader* cache_take(size_t need) {
+// Best-fitting cached block of at least `need` bytes, whole if the slack
+// table has room for its tail (then *slack is set), else trimmed to `need`.
+SegmentHeader* cache_take(size_t need, bool* slack) {
   LockGuard guard(g_large_lock);
   int best = -1;
   for (unsigned i = 0; i < g_cached; i++)
@@ -55,19 +100,22 @@ SegmentHeader* cache_take(size_t need) {
   SegmentHeader* h = g_cache[best].seg;
   g_cache[best] = g_cache[--g_cached];
   g_counters.large_cached.fetch_sub(h->map_size, std::memory_order_relaxed);
-  if (h->map_size > need) {
-    os::unmap(reinterpret_cast<char*>(h) + need, h->map_size - need);
-    g_counters.mapped.fetch_sub(h->map_size - need, std::memory_order_relaxed);
-    g_counters.unmapped_total.fetch_add(h->map_size - need, std::memory_order_relaxed);
-    h->map_size = need;
-  }
+  if (h->map_size >= need + 16 * kPageSize && slack_add(h))
+    *slack = true;
+  else
+    unmap_tail(h, need);
   return h;
 }
 
-bool cache_put(SegmentHeader* h) {
+// Block h was freed: takes it out of the slack table and puts it in the
+// cache if `cacheable` and there is room (returns true), whole. Otherwise the
+// caller unmaps it.
+bool retire(SegmentHeader* h, bool cacheable) {
   const uint64_t limit = uint64_t{g_options.large_cache_mb} << 20;
   LockGuard guard(g_large_lock);
-  if (g_cached == kCacheSlots || g_counters.large_cached.load(std::memory_order_relaxed) + h->map_size > limit)
+  slack_remove(h);
+  if (!cacheable || g_cached == kCacheSlots ||
+      g_counters.large_cached.load(std::memory_order_relaxed) + h->map_size > limit)
     return false;
   h->large_state = 2;
   g_cache[g_cached++] = {h, static_cast<uint32_t>(os::now_ms())};
@@ -89,7 +137,8 @@ void* large_alloc(size_t size, size_t align, bool zero) {
   const bool shifted = align >= kSegmentSize;
   const size_t offset = align > kPageSize && !shifted ? align : kPageSize;
   const size_t need = round_page(offset + size);
-  SegmentHeader* h = shifted ? nullptr : cache_take(need);
+  bool slack = false;
+  SegmentHeader* h = shifted ? nullptr : cache_take(need, &slack);
   const bool fresh = h == nullptr;
   if (fresh) {
     void* mem;
@@ -118,6 +167,7 @@ void* large_alloc(size_t size, size_t align, bool zero) {
   g_counters.large_live.fetch_add(size, std::memory_order_relaxed);
   void* p = reinterpret_cast<char*>(h) + offset;
   if (zero && !fresh) memset(p, 0, size);
+  if (slack) purge_notify();  // the purger will unmap the slack unless realloc uses it
   return p;
 }
 
@@ -130,7 +180,7 @@ void large_free(SegmentHeader* h, void* p) {
   check_large_pointer(h, p, "free");
   g_counters.large_live.fetch_sub(h->request, std::memory_order_relaxed);
   const bool shifted = (reinterpret_cast<uintptr_t>(h) & kSegmentMask) != 0;  // not reusable as-is
-  if (!shifted && cache_put(h)) {
+  if (retire(h, !shifted)) {
     purge_notify();
     return;
   }
@@ -139,7 +189,7 @@ void large_free(SegmentHeader* h, void* p) {
 
 size_t large_usable(SegmentHeader* h, const void* p) {
   if (p != reinterpret_cast<char*>(h) + h->offset || h->large_state != 1) return 0;
-  return h->map_size - h->offset;
+  return used_size(h) - h->offset;  // not the slack (see the top of this file)
 }
 
 void* large_realloc(SegmentHeader* h, void* p, size_t size) {
@@ -149,16 +199,26 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
     return nullptr;
   }
   const size_t need = round_page(h->offset + size);
-  if (need <= h->map_size) {
-    // Shrink in place; give the tail back when it is worth a syscall.
-    if (h->map_size - need >= 16 * kPageSize) {
-      os::unmap(reinterpret_cast<char*>(h) + need, h->map_size - need);
-      g_counters.mapped.fetch_sub(h->map_size - need, std::memory_order_relaxed);
-      g_counters.unmapped_total.fetch_add(h->map_size - need, std::memory_order_relaxed);
-      h->map_size = need;
+  bool in_place, notify = false;
+  {
+    // Under the lock: the purger may be unmapping this block's slack.
+    LockGuard guard(g_large_lock);
+    in_place = need <= h->map_size;
+    if (in_place) {
+      // Grow into the slack, or shrink and leave slack behind: it waits for
+      // the purger when it is worth a syscall and the table has room.
+      if (h->map_size - need >= 16 * kPageSize) {
+        notify = slack_add(h);
+        if (!notify) unmap_tail(h, need);
+      }
+      g_counters.large_live.fetch_add(size - h->request, std::memory_order_relaxed);
+      h->request = size;
+    } else {
+      slack_remove(h);  // it outgrows its mapping: no slack left
     }
-    g_counters.large_live.fetch_add(size - h->request, std::memory_order_relaxed);
-    h->request = size;
+  }
+  if (in_place) {
+    if (notify) purge_notify();
     return p;
   }
   // Grow: in place if the address space after us is free, else move the pages
@@ -184,7 +244,7 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
     // No room to grow or move the mapping: copy.
     void* q = large_alloc(size, kMinAlign, false);
     if (q == nullptr) return nullptr;
-    memcpy(q, p, h->map_size - h->offset);
+    memcpy(q, p, h->request);
     large_free(h, p);
     return q;
   }
@@ -199,6 +259,18 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
 size_t large_release(uint64_t now, bool force, bool* pending) {
   size_t bytes = 0;
   LockGuard guard(g_large_lock);
+  for (unsigned i = 0; i < g_slacks;) {
+    SegmentHeader* h = g_slack[i].seg;
+    if (force || os::elapsed_ms(now, g_slack[i].since) >= g_options.purge_delay_ms) {
+      const size_t keep = used_size(h);
+      if (h->map_size > keep) bytes += h->map_size - keep;
+      unmap_tail(h, keep);
+      g_slack[i] = g_slack[--g_slacks];
+    } else {
+      *pending = true;
+      i++;
+    }
+  }
   for (unsigned i = 0; i < g_cached;) {
     SegmentHeader* h = g_cache[i].seg;
     if (force || os::elapsed_ms(now, g_cache[i].since) >= g_options.purge_delay_ms) {
