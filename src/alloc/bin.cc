@@ -1,7 +1,7 @@
 // Bins: per size class, the spans that have free objects, behind one lock.
 // Threads come here only in batches (refill, flush), so the lock is taken
 // once per several dozen malloc/free calls, never on the fast path.
-#include <algorithm>
+#include <cstring>
 
 #include "heap.h"
 #include "os.h"
@@ -63,14 +63,15 @@ uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** out) {
         list_push(b, s);
         b.spans++;
       }
-      got += span_take(s, want - got, out + got);
+      got += span_take(s, want - got, out + want - got);
       s->taken = now;
       s->cold = false;
       if (s->full()) list_remove(b, s);
     }
     b.out += got;
   }
-  std::reverse(out, out + got);  // lowest address on top of the cache's stack: handed out first
+  // Out of memory: what was found is at the top of out[]; move it down.
+  if (got < want) memmove(static_cast<void*>(out), out + (want - got), got * sizeof(FreeObj*));
   return got;
 }
 
@@ -121,7 +122,7 @@ EBB_INLINE void bitmap_add(const Span* s, const SpanBitmap& bits, size_t w, uint
 
 }  // namespace
 
-void bin_flush(unsigned cls, FreeObj* const* objs, uint32_t n) {
+Flushed bin_flush(unsigned cls, FreeObj* const* objs, uint32_t n) {
   Bin& b = g_bins[cls];
   const auto now = static_cast<uint32_t>(os::now_ms());
   const uint32_t sparse = sparse_max(cls);
@@ -176,7 +177,7 @@ void bin_flush(unsigned cls, FreeObj* const* objs, uint32_t n) {
     }
     b.out -= n;
   }
-  purge_notify((emptied & kEmptied) != 0, (emptied & kCold) != 0);
+  return Flushed{(emptied & kEmptied) != 0, (emptied & kCold) != 0};
 }
 
 size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending, bool* cold_purged) {

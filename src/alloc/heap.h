@@ -183,8 +183,10 @@ extern Segment* g_segments;
 
 // ---- spans (span.cc) --------------------------------------------------------
 void span_init(Span* s, unsigned cls);
-// Takes up to `want` free objects from s, lowest addresses first, into out[].
-uint32_t span_take(Span* s, uint32_t want, FreeObj** out);
+// Takes up to `want` free objects from s into the slots below `end`, the
+// lowest address at end[-1] (a cache hands out its top slot first); returns
+// how many: they are end[-got .. -1].
+uint32_t span_take(Span* s, uint32_t want, FreeObj** end);
 // Gives pages that hold no live object back to the OS; returns bytes purged.
 size_t span_purge(Span* s);
 // The last object came back: start carving from the first slot again, so the
@@ -228,11 +230,18 @@ EBB_INLINE Span* span_of(SegmentHeader* h, const void* p) {
 }
 
 // ---- bins (bin.cc) ----------------------------------------------------------
-// Puts up to `want` objects in out[], the highest address first (the cache
-// hands out its last slot first). Returns how many.
+// Puts up to `want` objects in out[0..got), the lowest address last (the
+// cache hands out its last slot first). Returns got.
 uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** out);
+// What a flush must tell the purger: call purge_notify(emptied, cold) once
+// the caller's cache is consistent again (it may start the purger thread,
+// and creating a thread allocates, perhaps from that very cache).
+struct Flushed {
+  bool emptied;
+  bool cold;
+};
 // Gives the n objects objs[0..n) back to their spans.
-void bin_flush(unsigned cls, FreeObj* const* objs, uint32_t n);
+[[nodiscard]] Flushed bin_flush(unsigned cls, FreeObj* const* objs, uint32_t n);
 // *pending: a dirty span waits for its delay; *empty_pending: one with no
 // live object does (the purger then looks again sooner).
 // *cold_purged: a span that went cold and (almost) empty since the last pass

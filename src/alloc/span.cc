@@ -165,29 +165,31 @@ void span_init(Span* s, unsigned cls) {
   memset(static_cast<void*>(&seg->spans[s->slice + 1]), 0, sizeof(Span) * (s->nslices - 1u));
 }
 
-uint32_t span_take(Span* s, uint32_t want, FreeObj** out) {
+uint32_t span_take(Span* s, uint32_t want, FreeObj** end) {
   const uint32_t size = kClasses[s->cls].size;
   const uint32_t cap = kClasses[s->cls].capacity;
   if (s->nfree == 0 && s->bump == cap && s->parked > 0) unpark(s);
-  uint32_t got = 0;
+  FreeObj** out = end;  // filled downwards: the lowest address ends up at end[-1]
   if (s->nfree > 0) {
     // Lowest addresses first: a batch lands on as few pages as possible.
     const SpanBitmap bits(s);
     const size_t words = bitmap_words(s->bump);
+    FreeObj** const last = end - want;
     size_t w = s->hint;
-    for (; w < words && got < want; w++) {
+    for (; w < words && out != last; w++) {
       uint64_t m = bits[w];
-      while (m != 0 && got < want) {
+      while (m != 0 && out != last) {
         size_t i = w * 64 + static_cast<size_t>(__builtin_ctzll(m));
         m &= m - 1;
-        out[got++] = reinterpret_cast<FreeObj*>(s->start + i * size);
+        *--out = reinterpret_cast<FreeObj*>(s->start + i * size);
       }
       bits[w] = m;
       if (m != 0) break;
     }
     s->hint = static_cast<uint16_t>(w);
-    s->nfree -= got;
+    s->nfree -= static_cast<uint32_t>(end - out);
   }
+  uint32_t got = static_cast<uint32_t>(end - out);
   if (got < want && s->bump < cap) {
     uint32_t n = want - got;
     if (n > cap - s->bump) n = cap - s->bump;
@@ -195,9 +197,10 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** out) {
       for (size_t pg = first_page(s->bump, size); pg <= last_page(s->bump + n - 1, size); pg++) clear_purged(s, pg);
     }
     uint8_t* p = s->start + size_t{s->bump} * size;
-    for (uint32_t i = 0; i < n; i++, p += size) out[got++] = reinterpret_cast<FreeObj*>(p);
+    for (uint32_t i = 0; i < n; i++, p += size) *--out = reinterpret_cast<FreeObj*>(p);
     s->bump += n;
     if (s->bump > s->high) s->high = static_cast<uint16_t>(s->bump);
+    got += n;
   }
   s->used += got;
   return got;

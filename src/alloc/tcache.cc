@@ -4,6 +4,8 @@
 #include <errno.h>
 #include <pthread.h>
 
+#include <cstring>
+
 #include "heap.h"
 #include "os.h"
 
@@ -118,14 +120,11 @@ void flush_oldest(unsigned cls, CacheBin& cb, uint32_t keep) {
   const uint32_t count = cb.count();
   if (count <= keep) return;
   const uint32_t n = count - keep;
-  FreeObj* batch[kMaxCacheObjects];
   FreeObj** base = cb.base();
-  for (uint32_t i = 0; i < n; i++) batch[i] = base[i];
-  for (uint32_t i = 0; i < keep; i++) base[i] = base[n + i];
+  const Flushed f = bin_flush(cls, base, n);
+  memmove(static_cast<void*>(base), base + n, keep * sizeof(FreeObj*));
   cb.top = base + keep;
-  // The stack is whole again before bin_flush: it may start the purger, and
-  // creating a thread allocates, perhaps from this very stack.
-  bin_flush(cls, batch, n);
+  purge_notify(f.emptied, f.cold);  // the stack is whole again (see Flushed)
 }
 
 }  // namespace
@@ -170,7 +169,8 @@ void tcache_free_slow(unsigned cls, FreeObj* obj) {
   count_cold(tc, cls, cb);
   if (lo16(cb.top) == cb.high) {
     if (cb.max() <= 1) {  // no cache (cold class, exiting thread, or EBB_TCACHE_BYTES=0)
-      bin_flush(cls, &obj, 1);
+      const Flushed f = bin_flush(cls, &obj, 1);
+      purge_notify(f.emptied, f.cold);
       return;
     }
     // Keep the most recently freed half: they are the ones still in the CPU cache.
