@@ -260,13 +260,22 @@ extern Lock g_large_lock;
 // Each class's cache is a stack of pointers (in ThreadCache::slots, a
 // mapping per thread): malloc and free touch the stack, never the objects' memory (a list would
 // make every malloc read the next object, often a cache miss). Capacity per
-// class: kMaxTcacheBytes of objects, at most 128 (EBB_TCACHE_BYTES lowers it).
+// class: `budget` bytes of objects (kMaxTcacheBytes; EBB_TCACHE_BYTES lowers
+// it), at most 128, and at least one object up to kOneSlotMax: a string
+// rebuilt by `s = s + t` frees an object of the very class it allocates
+// next, and one slot turns that pair of trips to the bin into a pop and a
+// push. Bigger classes get nothing: an idle thread's cache cannot be purged.
 constexpr size_t kMaxTcacheBytes = 16384;
 constexpr uint32_t kMaxCacheObjects = 128;
-constexpr uint32_t cache_capacity(unsigned cls) {
-  if (cls == 0) return 0;
-  const size_t n = kMaxTcacheBytes / class_to_size_calc(cls);
+constexpr size_t kOneSlotMax = 32768;
+constexpr uint32_t cache_objects(size_t size, size_t budget) {
+  if (budget == 0) return 0;
+  const size_t n = budget / size;
+  if (n == 0) return size <= kOneSlotMax ? 1 : 0;
   return static_cast<uint32_t>(n > kMaxCacheObjects ? kMaxCacheObjects : n);
+}
+constexpr uint32_t cache_capacity(unsigned cls) {
+  return cls == 0 ? 0 : cache_objects(class_to_size_calc(cls), kMaxTcacheBytes);
 }
 constexpr size_t cache_slots_total() {
   size_t n = 0;

@@ -99,14 +99,14 @@ void tcache_init(ThreadCache* tc) {
   threads_started();
 }
 
-// The cache a class gets once warm: tcache_bytes of objects, at most 128
-// (cache_capacity); classes bigger than the budget are not cached: an idle
-// thread's cache cannot be purged, and two 100 KiB buffers kept per class
-// and thread would cost more resident memory than the lock they save is
-// worth. The first refill takes one object and the batch doubles from there.
+// The cache a class gets once warm: tcache_bytes of objects, at most 128,
+// one for classes up to 32 KiB (cache_objects); bigger classes are not
+// cached: an idle thread's cache cannot be purged, and two 100 KiB buffers
+// kept per class and thread would cost more resident memory than the lock
+// they save is worth. The first refill takes one object and the batch
+// doubles from there.
 void warm_up(unsigned cls, CacheBin& cb) {
-  size_t n = g_options.tcache_bytes / class_size(cls);
-  cb.set_max(static_cast<uint32_t>(n < cache_capacity(cls) ? n : cache_capacity(cls)));
+  cb.set_max(cache_objects(class_size(cls), g_options.tcache_bytes));
   cb.batch = static_cast<uint16_t>(cb.max() >= 2 ? 1 : 0);
 }
 
