@@ -176,6 +176,41 @@ int child_work(int depth) {
   return 0;
 }
 
+uint64_t thread_cached_bytes() {
+  ebb_stats_t s;
+  return ebb_stats(&s, sizeof s) == 0 ? s.thread_cached_bytes : 0;
+}
+
+// In a new thread (whose caches start cold): after a class has been used a
+// few times, a freed object of up to 32 KiB stays in the thread's cache (one
+// slot above 8 KiB), and a bigger one goes straight back to its bin.
+void* cache_one_large_object(void*) {
+  std::vector<std::pair<size_t, uint64_t>> held;  // size -> bytes cached by its first free
+  for (size_t size : {size_t{20000}, size_t{32768}, size_t{40000}}) {
+    for (int i = 0; i < 20; i++) free(malloc(size));  // warm: 8 trips to the bin give a class its cache
+    void* a = malloc(size);
+    void* b = malloc(size);
+    const uint64_t before = thread_cached_bytes();
+    free(a);
+    const uint64_t one = thread_cached_bytes();
+    free(b);  // the slot is taken: b goes to the bin
+    const uint64_t two = thread_cached_bytes();
+    held.emplace_back(size, one - before);
+    EXPECT_EQ(two, one) << size;
+    free(malloc(size));  // empties the slot again
+  }
+  EXPECT_EQ(held[0].second, 20480u);  // 20000 B are a 20 KiB object
+  EXPECT_EQ(held[1].second, 32768u);
+  EXPECT_EQ(held[2].second, 0u);
+  return nullptr;
+}
+
+TEST(ThreadCache, ClassesUpTo32KiBKeepOneObject) {
+  pthread_t t;
+  ASSERT_EQ(pthread_create(&t, nullptr, cache_one_large_object, nullptr), 0);
+  pthread_join(t, nullptr);
+}
+
 TEST(Fork, WhileOtherThreadsAllocate) {
   std::atomic<bool> stop{false};
   std::vector<std::thread> workers;
