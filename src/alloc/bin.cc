@@ -180,22 +180,51 @@ Flushed bin_flush(unsigned cls, FreeObj* const* objs, uint32_t n) {
   return Flushed{(emptied & kEmptied) != 0, (emptied & kCold) != 0};
 }
 
+namespace {
+
+// A span with (almost) nothing live left is what a finished burst leaves
+// behind: it goes back after the short delay, partly used spans (the
+// working set) after the long one. "Almost": a few survivors of a burst
+// (one object in a thousand kept) would otherwise hold the rest of their
+// span's pages for the long delay.
+bool is_sparse(const Span* s) { return s->used <= sparse_max(s->cls); }
+
+// The short delay is for the end of a big burst: the (almost) empty spans
+// it would purge must hold at least 1/kBurstShare of the bytes handed out.
+// Fewer wait like the working set, for the long delay or until they go cold
+// (cold() sends them at once): a program that frees and rebuilds a smaller
+// part of its data every few tens of milliseconds (json_roundtrip: a fifth
+// of it every ~50 ms) had it purged and faulted back in a loop.
+constexpr size_t kBurstShare = 4;
+
+}  // namespace
+
+bool bins_big_burst(uint64_t now) {
+  size_t due = 0, out = 0;
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) {
+    Bin& b = g_bins[cls];
+    LockGuard guard(b.lock);
+    const size_t size = class_size(cls);
+    out += b.out * size;
+    for (const Span* s = b.head; s != nullptr; s = s->next)
+      if (s->dirty && is_sparse(s) && !cold(s, now) && os::elapsed_ms(now, s->touched) >= g_options.empty_delay_ms)
+        due += size_t{s->high - s->used} * size;  // what may be resident and is free
+  }
+  return due * kBurstShare >= out;
+}
+
 size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending, bool* cold_purged) {
   size_t bytes = 0;
+  const bool short_delay = force || bins_big_burst(now);
   for (unsigned cls = 1; cls <= kNumClasses; cls++) {
     Bin& b = g_bins[cls];
     LockGuard guard(b.lock);
     for (Span* s = b.head; s != nullptr;) {
       Span* next = s->next;
       if (s->dirty) {
-        // A span with (almost) nothing live left is what a finished burst
-        // leaves behind: it goes back after the short delay, partly used
-        // spans (the working set) after the long one. "Almost": a few
-        // survivors of a burst (one object in a thousand kept) would
-        // otherwise hold the rest of their span's pages for the long delay.
-        const bool empty = s->used <= sparse_max(cls);
+        const bool empty = is_sparse(s);
         const bool at_once = empty && cold(s, now);
-        const uint32_t delay = at_once ? 0 : empty ? g_options.empty_delay_ms : g_options.purge_delay_ms;
+        const uint32_t delay = at_once ? 0 : empty && short_delay ? g_options.empty_delay_ms : g_options.purge_delay_ms;
         if (force || os::elapsed_ms(now, s->touched) >= delay) {
           const size_t got = span_purge(s);
           // Only a span that just went cold and (almost) empty keeps the

@@ -247,6 +247,9 @@ struct Flushed {
 // *cold_purged: a span that went cold and (almost) empty since the last pass
 // gave pages back (more may follow soon: see cold() in bin.cc).
 size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending, bool* cold_purged);
+// Whether the (almost) empty spans whose short delay has passed at `now`
+// hold a big enough share of the heap for that delay to apply (bin.cc).
+bool bins_big_burst(uint64_t now);
 
 // ---- large objects (large.cc) -----------------------------------------------
 void* large_alloc(size_t size, size_t align, bool zero);

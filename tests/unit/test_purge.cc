@@ -8,6 +8,7 @@
 
 #include "ebb.h"
 #include "heap.h"
+#include "os.h"
 #include "rss.h"
 
 namespace {
@@ -239,5 +240,28 @@ TEST(Purge, EmptySpansGoBackSoonerThanTheWorkingSet) {
   ebb::g_options.purge_delay_ms = saved_delay;
   ebb::g_options.empty_delay_ms = saved_empty;
   ebb::purger_options_changed();  // it may sleep out a tick of the 60 s delay
+  ebb_trim();
+}
+
+TEST(Purge, OnlyABigBurstGetsTheShortDelay) {
+  // The bins are asked at a time `now` one short delay ahead, when the
+  // bursts below have waited it and are not cold yet (that takes two); long
+  // delays keep the purger from acting on them meanwhile.
+  const uint32_t saved_delay = ebb::g_options.purge_delay_ms, saved_empty = ebb::g_options.empty_delay_ms;
+  ebb::g_options.purge_delay_ms = 60000;
+  ebb::g_options.empty_delay_ms = 5000;
+  ebb::purger_options_changed();
+  ebb_trim();
+  auto working_set = fill(64 * MiB, 256);  // stays live
+  auto small = fill(8 * MiB, 2048);        // an eighth of it
+  for (void* p : small) free(p);
+  EXPECT_FALSE(ebb::bins_big_burst(ebb::os::now_ms() + 5000)) << "8 MiB free against 64 MiB live";
+  auto big = fill(32 * MiB, 3072);  // with the small one, more than a quarter
+  for (void* p : big) free(p);
+  EXPECT_TRUE(ebb::bins_big_burst(ebb::os::now_ms() + 5000)) << "40 MiB free against 64 MiB live";
+  for (void* p : working_set) free(p);
+  ebb::g_options.purge_delay_ms = saved_delay;
+  ebb::g_options.empty_delay_ms = saved_empty;
+  ebb::purger_options_changed();
   ebb_trim();
 }
