@@ -19,6 +19,11 @@
 #include "lock.h"
 #include "size_class.h"
 
+// Everything declared here is internal to libebb. Hidden visibility also on
+// the declarations (-fvisibility=hidden covers definitions only) lets the
+// fast paths load globals such as g_free_key directly instead of through the GOT.
+#pragma GCC visibility push(hidden)
+
 namespace ebb {
 
 // A free object's first 16 bytes. The key marks it free, so that a second
@@ -371,3 +376,5 @@ void telemetry_after_fork_child();
 void fork_register();
 
 }  // namespace ebb
+
+#pragma GCC visibility pop
