@@ -85,6 +85,9 @@ enum : unsigned { kEmptied = 1, kCold = 2 };
 // is cold.
 unsigned span_returned(Bin& b, Span* s, uint32_t k, size_t hint, uint32_t now, uint32_t sparse) {
   const uint32_t before = s->used;
+  // More back than out: the batch held an object of s twice, and an earlier
+  // run of the batch emptied s, which cleared its bitmap (span_reset).
+  if (EBB_UNLIKELY(k > before)) os::fatal_pointer("free", "double free of an object in the span at", s->start);
   s->hint = static_cast<uint16_t>(hint);
   s->nfree += k;
   s->used -= k;

@@ -12,8 +12,10 @@
 #include <csignal>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "ebb.h"
+#include "heap.h"
 
 extern "C" void free_sized(void*, size_t);
 extern "C" void free_aligned_sized(void*, size_t, size_t);
@@ -280,9 +282,9 @@ void announce(const void* p) {
 }
 
 // Runs body() in a child, which announce()s an object p and must then abort
-// with "ebb: free(): double free <p>" as all else it writes to stderr.
+// with "ebb: free(): <why> <p>" as all else it writes to stderr.
 template <class Body>
-void expect_double_free_of(Body body) {
+void expect_double_free_of(Body body, const std::string& why = "double free") {
   int fds[2];
   ASSERT_EQ(pipe(fds), 0);
   pid_t pid = fork();
@@ -302,7 +304,7 @@ void expect_double_free_of(Body body) {
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
   EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT) << "status " << status << ", stderr: " << out;
   const std::string p = out.substr(0, out.find('\n'));
-  EXPECT_EQ(out, p + "\nebb: free(): double free " + p + "\n");
+  EXPECT_EQ(out, p + "\nebb: free(): " + why + " " + p + "\n");
 }
 
 TEST(BadInput, DoubleFreeInOneFlushedBatch) {
@@ -340,6 +342,42 @@ TEST(BadInput, DoubleFreeOfAnObjectAlreadyInItsSpan) {
     free(c);
     ebb_trim();  // one batch: three bits of p's word, p's already set
   });
+}
+
+TEST(BadInput, DoubleFreeAfterItsSpanEmptiedInTheSameBatch) {
+  // One batch gives back every live object of a span S, which resets S and
+  // clears its bitmap, then an object of another span, then an object of S a
+  // second time (its key overwritten after the first free, so free() took
+  // it): S would have more objects back than out.
+  expect_double_free_of(
+      [] {
+        std::vector<void*> objs;
+        for (int i = 0; i < 3000; i++) objs.push_back(malloc(48));
+        auto span = [](void* p) {
+          return ebb::span_of(
+              reinterpret_cast<ebb::SegmentHeader*>(reinterpret_cast<uintptr_t>(p) & ~ebb::kSegmentMask), p);
+        };
+        ebb::Span* s = span(objs.back());  // carved last: a span of this child's own
+        std::vector<void*> in_s;
+        void* other = nullptr;
+        for (void* p : objs) {
+          if (span(p) == s && in_s.size() < 50)
+            in_s.push_back(p);
+          else if (span(p) != s && other == nullptr)
+            other = p;
+          else
+            free(p);
+        }
+        ebb_trim();  // S's live objects are now the 50 in in_s, and nothing is cached
+        if (other == nullptr || in_s.size() != 50 || s->used != 50) _exit(3);
+        announce(s->start);
+        for (void* p : in_s) free(p);
+        free(other);
+        clobber_free_key(in_s[0]);
+        free(in_s[0]);
+        ebb_trim();  // one batch: S's 50, the other span's one, S's first again
+      },
+      "double free of an object in the span at");
 }
 
 TEST(BadInputDeathTest, DoubleFreeOfLargeObject) {
