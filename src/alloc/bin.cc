@@ -243,7 +243,12 @@ size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending, 
           }
         } else {
           *pending = true;
-          if (empty) *empty_pending = true;
+          // The short tick while a sparse span may still go after the short
+          // delay: it has not waited it yet (it may be part of a big burst),
+          // or it has and the burst is big. A small burst's spans wait for
+          // the long delay, or to go cold, on the long tick.
+          if (empty && (short_delay || os::elapsed_ms(now, s->touched) < g_options.empty_delay_ms))
+            *empty_pending = true;
         }
       }
       s = next;

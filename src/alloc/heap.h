@@ -247,8 +247,8 @@ struct Flushed {
 };
 // Gives the n objects objs[0..n) back to their spans.
 [[nodiscard]] Flushed bin_flush(unsigned cls, FreeObj* const* objs, uint32_t n);
-// *pending: a dirty span waits for its delay; *empty_pending: one with no
-// live object does (the purger then looks again sooner).
+// *pending: a dirty span waits for its delay; *empty_pending: a sparse one
+// may go after the short delay (the purger then looks again sooner).
 // *cold_purged: a span that went cold and (almost) empty since the last pass
 // gave pages back (more may follow soon: see cold() in bin.cc).
 size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending, bool* cold_purged);
@@ -347,6 +347,9 @@ void purger_after_fork_child();
 // The delays changed (tests set g_options): wake the purger, which may be
 // sleeping out a tick computed from the old ones, so that it looks again.
 void purger_options_changed();
+// Whether a purger thread runs or will start (not EBB_BACKGROUND=0, and
+// creating it did not fail): what waits for it is given back in time.
+bool purger_available();
 
 // Threads that have a thread cache and have not exited. When the last one
 // leaves through pthread_exit, the purger must leave too: a process lives as

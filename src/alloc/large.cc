@@ -30,13 +30,16 @@ constexpr unsigned kCacheSlots = 8;
 struct CacheEntry {
   SegmentHeader* seg;
   uint32_t since;  // now_ms() when it was freed (cache) or got its slack (g_slack)
+  size_t bytes;    // g_slack: the slack counted in g_slack_bytes
 };
 CacheEntry g_cache[kCacheSlots];
 unsigned g_cached = 0;
-// Live blocks with slack, under g_large_lock like the cache. A block that
-// does not fit here gets its tail unmapped at once.
+// Live blocks with slack, under g_large_lock like the cache, at most
+// EBB_LARGE_CACHE_MB of it in all, and only while a purger can unmap it.
+// A block that does not fit here gets its tail unmapped at once.
 CacheEntry g_slack[kCacheSlots];
 unsigned g_slacks = 0;
+size_t g_slack_bytes = 0;
 
 size_t round_page(size_t n) { return (n + kPageSize - 1) & ~(kPageSize - 1); }
 
@@ -44,28 +47,47 @@ size_t round_page(size_t n) { return (n + kPageSize - 1) & ~(kPageSize - 1); }
 // and the request, in whole pages. The rest of map_size is slack.
 size_t used_size(const SegmentHeader* h) { return round_page(h->offset + h->request); }
 
-// Unmaps block h's mapping from `keep` bytes on.
+// Unmaps block h's mapping from `keep` bytes on. map_size is stored
+// atomically: free() of another block reads it without the lock
+// (segment_of_large) while the purger trims slack.
 void unmap_tail(SegmentHeader* h, size_t keep) {
   if (h->map_size <= keep) return;
   os::unmap(reinterpret_cast<char*>(h) + keep, h->map_size - keep);
   g_counters.mapped.fetch_sub(h->map_size - keep, std::memory_order_relaxed);
   g_counters.unmapped_total.fetch_add(h->map_size - keep, std::memory_order_relaxed);
-  h->map_size = keep;
+  __atomic_store_n(&h->map_size, keep, __ATOMIC_RELAXED);
 }
 
-// Slack table operations; the caller holds g_large_lock.
+// Slack table operations; the caller holds g_large_lock. h's offset and
+// request must be those of its current object: the purger keeps that much.
+void slack_drop(unsigned i) {
+  g_slack_bytes -= g_slack[i].bytes;
+  g_slack[i] = g_slack[--g_slacks];
+}
+
+// Enters (or counts again) h's slack; false if it does not fit, and then h
+// is not in the table.
 bool slack_add(SegmentHeader* h) {
-  for (unsigned i = 0; i < g_slacks; i++)
-    if (g_slack[i].seg == h) return true;  // already waiting: keeps its time
-  if (g_slacks == kCacheSlots) return false;
-  g_slack[g_slacks++] = {h, static_cast<uint32_t>(os::now_ms())};
+  const size_t bytes = h->map_size - used_size(h);
+  const size_t limit = size_t{g_options.large_cache_mb} << 20;
+  auto since = static_cast<uint32_t>(os::now_ms());
+  for (unsigned i = 0; i < g_slacks; i++) {
+    if (g_slack[i].seg == h) {  // already waiting: keeps its time
+      since = g_slack[i].since;
+      slack_drop(i);
+      break;
+    }
+  }
+  if (g_slacks == kCacheSlots || g_slack_bytes + bytes > limit || !purger_available()) return false;
+  g_slack[g_slacks++] = {h, since, bytes};
+  g_slack_bytes += bytes;
   return true;
 }
 
 void slack_remove(SegmentHeader* h) {
   for (unsigned i = 0; i < g_slacks; i++) {
     if (g_slack[i].seg == h) {
-      g_slack[i] = g_slack[--g_slacks];
+      slack_drop(i);
       return;
     }
   }
@@ -88,9 +110,11 @@ void unmap_block(SegmentHeader* h) {
   g_counters.unmapped_total.fetch_add(size, std::memory_order_relaxed);
 }
 
-// Best-fitting cached block of at least `need` bytes, whole if the slack
-// table has room for its tail (then *slack is set), else trimmed to `need`.
-SegmentHeader* cache_take(size_t need, bool* slack) {
+// Best-fitting cached block of at least `need` bytes, for an object of
+// `size` bytes at `offset`: whole if the slack table takes its tail (then
+// *slack is set), else trimmed to `need`. The object's offset and size are
+// set here, under the lock: the purger may trim the slack at once.
+SegmentHeader* cache_take(size_t need, size_t offset, size_t size, bool* slack) {
   LockGuard guard(g_large_lock);
   int best = -1;
   for (unsigned i = 0; i < g_cached; i++)
@@ -100,6 +124,9 @@ SegmentHeader* cache_take(size_t need, bool* slack) {
   SegmentHeader* h = g_cache[best].seg;
   g_cache[best] = g_cache[--g_cached];
   g_counters.large_cached.fetch_sub(h->map_size, std::memory_order_relaxed);
+  h->offset = offset;
+  h->request = size;
+  h->large_state = 1;
   if (h->map_size >= need + 16 * kPageSize && slack_add(h))
     *slack = true;
   else
@@ -118,7 +145,7 @@ bool retire(SegmentHeader* h, bool cacheable) {
       g_counters.large_cached.load(std::memory_order_relaxed) + h->map_size > limit)
     return false;
   h->large_state = 2;
-  g_cache[g_cached++] = {h, static_cast<uint32_t>(os::now_ms())};
+  g_cache[g_cached++] = {h, static_cast<uint32_t>(os::now_ms()), 0};
   g_counters.large_cached.fetch_add(h->map_size, std::memory_order_relaxed);
   return true;
 }
@@ -138,7 +165,7 @@ void* large_alloc(size_t size, size_t align, bool zero) {
   const size_t offset = align > kPageSize && !shifted ? align : kPageSize;
   const size_t need = round_page(offset + size);
   bool slack = false;
-  SegmentHeader* h = shifted ? nullptr : cache_take(need, &slack);
+  SegmentHeader* h = shifted ? nullptr : cache_take(need, offset, size, &slack);
   const bool fresh = h == nullptr;
   if (fresh) {
     void* mem;
@@ -158,12 +185,11 @@ void* large_alloc(size_t size, size_t align, bool zero) {
     h->kind = kLargeSegment;
     h->map_size = need;
     h->offset = offset;
+    h->request = size;
+    h->large_state = 1;
     g_counters.mapped.fetch_add(need, std::memory_order_relaxed);
     register_block(h, true);
   }
-  h->offset = offset;
-  h->request = size;
-  h->large_state = 1;
   g_counters.large_live.fetch_add(size, std::memory_order_relaxed);
   void* p = reinterpret_cast<char*>(h) + offset;
   if (zero && !fresh) memset(p, 0, size);
@@ -207,12 +233,14 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
     if (in_place) {
       // Grow into the slack, or shrink and leave slack behind: it waits for
       // the purger when it is worth a syscall and the table has room.
+      g_counters.large_live.fetch_add(size - h->request, std::memory_order_relaxed);
+      h->request = size;
       if (h->map_size - need >= 16 * kPageSize) {
         notify = slack_add(h);
         if (!notify) unmap_tail(h, need);
+      } else {
+        slack_remove(h);  // a tail this small stays with the block, as always
       }
-      g_counters.large_live.fetch_add(size - h->request, std::memory_order_relaxed);
-      h->request = size;
     } else {
       slack_remove(h);  // it outgrows its mapping: no slack left
     }
@@ -244,7 +272,7 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
     // No room to grow or move the mapping: copy.
     void* q = large_alloc(size, kMinAlign, false);
     if (q == nullptr) return nullptr;
-    memcpy(q, p, h->request);
+    memcpy(q, p, used_size(h) - h->offset);  // all the old block's usable bytes
     large_free(h, p);
     return q;
   }
@@ -265,7 +293,7 @@ size_t large_release(uint64_t now, bool force, bool* pending) {
       const size_t keep = used_size(h);
       if (h->map_size > keep) bytes += h->map_size - keep;
       unmap_tail(h, keep);
-      g_slack[i] = g_slack[--g_slacks];
+      slack_drop(i);
     } else {
       *pending = true;
       i++;

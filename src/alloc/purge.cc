@@ -25,7 +25,7 @@ namespace {
 
 std::atomic<int> g_wake{0};          // futex word: bumped to wake the purger (telemetry off)
 std::atomic<bool> g_pending{false};  // something may be waiting for its delay
-std::atomic<bool> g_empty{false};    // ... and it includes a span with nothing live (short delay)
+std::atomic<bool> g_empty{false};    // ... and a sparse span may go after the short delay
 std::atomic<bool> g_cold{false};     // a cold span emptied: look every kColdTickMs while they come
 // How often the purger looks while cold spans empty (a `del` of old data in
 // progress): their pages go at once, and the passes follow the `del`.
@@ -184,6 +184,8 @@ size_t purge_all(bool force, bool* pending, bool* empty_pending, bool* cold_purg
 }
 
 void purger_options_changed() { wake_purger(); }
+
+bool purger_available() { return g_options.background && g_state.load(std::memory_order_relaxed) != 3; }
 
 void purger_after_fork_child() {
   // The purger thread does not exist in the child. The next batch of frees

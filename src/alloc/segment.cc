@@ -53,7 +53,10 @@ SegmentHeader* segment_of_large(const void* p) {
     h = reinterpret_cast<SegmentHeader*>(chunk - kPageSize);
   else
     return nullptr;
-  if (reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(h) >= h->map_size) return nullptr;
+  // map_size shrinks when the purger trims a block's slack (large.cc).
+  if (reinterpret_cast<uintptr_t>(p) - reinterpret_cast<uintptr_t>(h) >=
+      __atomic_load_n(&h->map_size, __ATOMIC_RELAXED))
+    return nullptr;
   return h;
 }
 

@@ -106,7 +106,8 @@ void tcache_init(ThreadCache* tc) {
 // they save is worth. The first refill takes one object and the batch
 // doubles from there.
 void warm_up(unsigned cls, CacheBin& cb) {
-  cb.set_max(cache_objects(class_size(cls), g_options.tcache_bytes));
+  const uint32_t n = cache_objects(class_size(cls), g_options.tcache_bytes);
+  cb.set_max(n < cache_capacity(cls) ? n : cache_capacity(cls));  // the stack's size: never more
   cb.batch = static_cast<uint16_t>(cb.max() >= 2 ? 1 : 0);
 }
 
@@ -168,7 +169,10 @@ void tcache_free_slow(unsigned cls, FreeObj* obj) {
   CacheBin& cb = tc->bins[cls];
   count_cold(tc, cls, cb);
   if (lo16(cb.top) == cb.high) {
-    if (cb.max() <= 1) {  // no cache (cold class, exiting thread, or EBB_TCACHE_BYTES=0)
+    // No room, and no point in flushing half: a one-slot class keeps the
+    // object it holds; with no cache at all (cold class, exiting thread,
+    // EBB_TCACHE_BYTES=0) this object goes straight to its bin.
+    if (cb.max() <= 1) {
       const Flushed f = bin_flush(cls, &obj, 1);
       purge_notify(f.emptied, f.cold);
       return;

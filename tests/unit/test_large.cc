@@ -82,13 +82,18 @@ TEST(Large, CachedBlockIsHandedOutWholeAndReallocGrowsIntoIt) {
 }
 
 TEST(Large, PurgerUnmapsSlackAfterTheDelay) {
+  void* p = nullptr;
+  {
+    Delays long_delays(60000);  // the cached block must still be there for malloc
+    ebb_trim();
+    void* big = malloc(8 * MiB);
+    ASSERT_NE(big, nullptr);
+    memset(big, 1, 8 * MiB);
+    free(big);
+    p = malloc(256 * KiB);
+    ASSERT_EQ(p, big) << "the cached block is reused, with 7.75 MiB of slack";
+  }
   Delays short_delays(20);
-  ebb_trim();
-  void* big = malloc(8 * MiB);
-  ASSERT_NE(big, nullptr);
-  memset(big, 1, 8 * MiB);
-  free(big);
-  void* p = malloc(256 * KiB);
   fill(p, 256 * KiB, 5);
   // From here on nothing is allocated: only the purger can unmap the slack
   // (and the cache is empty, so nothing else of this size goes).
@@ -119,6 +124,32 @@ TEST(Large, ShrinkingLeavesSlackThatTrimGivesBack) {
   EXPECT_GE(ebb_trim(), 7 * MiB);
   EXPECT_LE(mapped_bytes() + 7 * MiB, before);
   EXPECT_EQ(first_wrong(p, 200 * KiB, 9), 200 * KiB);
+  free(p);
+}
+
+TEST(Large, SlackIsUnmappedAtOnceWithoutAPurgerOrBeyondTheCacheBudget) {
+  Delays long_delays(60000);
+  ebb_trim();
+  // Without a purger, nothing would unmap slack until malloc_trim().
+  ebb::g_options.background = false;
+  void* p = malloc(8 * MiB);
+  fill(p, 8 * MiB, 13);
+  uint64_t before = mapped_bytes();
+  ASSERT_EQ(realloc(p, 200 * KiB), p);
+  EXPECT_LE(mapped_bytes() + 7 * MiB, before) << "without a purger";
+  ebb::g_options.background = true;
+  EXPECT_EQ(first_wrong(p, 200 * KiB, 13), 200 * KiB);
+  free(p);
+  // Slack counts against EBB_LARGE_CACHE_MB.
+  const uint32_t saved_cache = ebb::g_options.large_cache_mb;
+  ebb::g_options.large_cache_mb = 4;
+  p = malloc(8 * MiB);
+  fill(p, 8 * MiB, 14);
+  before = mapped_bytes();
+  ASSERT_EQ(realloc(p, 200 * KiB), p);
+  EXPECT_LE(mapped_bytes() + 7 * MiB, before) << "7.8 MiB of slack against a 4 MiB budget";
+  ebb::g_options.large_cache_mb = saved_cache;
+  EXPECT_EQ(first_wrong(p, 200 * KiB, 14), 200 * KiB);
   free(p);
 }
 
