@@ -9,6 +9,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "delays.h"
 #include "ebb.h"
 #include "heap.h"
 
@@ -40,24 +41,6 @@ size_t first_wrong(const void* p, size_t n, unsigned seed) {
     if (b[i] != static_cast<unsigned char>((i * 7 + seed) & 0xff)) return i;
   return n;
 }
-
-// Sets both purge delays for the test and restores them (waking the
-// purger, which may sleep out a tick computed from the test's delays).
-class Delays {
- public:
-  explicit Delays(uint32_t ms) : purge_(ebb::g_options.purge_delay_ms), empty_(ebb::g_options.empty_delay_ms) {
-    ebb::g_options.purge_delay_ms = ebb::g_options.empty_delay_ms = ms;
-    ebb::purger_options_changed();
-  }
-  ~Delays() {
-    ebb::g_options.purge_delay_ms = purge_;
-    ebb::g_options.empty_delay_ms = empty_;
-    ebb::purger_options_changed();
-  }
-
- private:
-  uint32_t purge_, empty_;
-};
 
 TEST(Large, CachedBlockIsHandedOutWholeAndReallocGrowsIntoIt) {
   Delays long_delays(60000);  // the purger must not unmap the slack meanwhile

@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "delays.h"
 #include "ebb.h"
 #include "heap.h"
 #include "os.h"
@@ -36,16 +37,12 @@ TEST(Purge, TrimGivesFreedSmallObjectsBack) {
   // Long delays keep the purger out of the way (it would give back the spans
   // that went cold while they were filled), so that what ebb_trim() reports
   // is all of it.
-  const uint32_t saved_delay = ebb::g_options.purge_delay_ms, saved_empty = ebb::g_options.empty_delay_ms;
-  ebb::g_options.purge_delay_ms = ebb::g_options.empty_delay_ms = 60000;
+  Delays long_delays(60000);
   auto v = fill(64 * MiB, 256);
   size_t full = rss_bytes();
   for (void* p : v) free(p);
   size_t released = ebb_trim();
   size_t after = rss_bytes();
-  ebb::g_options.purge_delay_ms = saved_delay;
-  ebb::g_options.empty_delay_ms = saved_empty;
-  ebb::purger_options_changed();  // it may sleep out a tick of the 60 s delays
   EXPECT_GE(released, 56 * MiB);
   EXPECT_LE(after + 56 * MiB, full) << "rss " << full / MiB << " MiB -> " << after / MiB << " MiB";
 }
@@ -193,9 +190,7 @@ TEST(Stats, ShortBufferGetsAPrefix) {
 // A span with no live object left decays after the short delay; partly used
 // spans (the working set) wait for the long one.
 TEST(Purge, EmptySpansGoBackSoonerThanTheWorkingSet) {
-  const uint32_t saved_delay = ebb::g_options.purge_delay_ms, saved_empty = ebb::g_options.empty_delay_ms;
-  ebb::g_options.purge_delay_ms = 60000;
-  ebb::g_options.empty_delay_ms = 20;
+  Delays delays(60000, 20);
   ebb_trim();
 
   // Partly used: keep one object in 8 (every span keeps 1/8 of its objects,
@@ -237,9 +232,6 @@ TEST(Purge, EmptySpansGoBackSoonerThanTheWorkingSet) {
   for (size_t i = 0; i < sparse.size(); i += 64) free(sparse[i]);
 
   for (size_t i = 0; i < part.size(); i += 8) free(part[i]);
-  ebb::g_options.purge_delay_ms = saved_delay;
-  ebb::g_options.empty_delay_ms = saved_empty;
-  ebb::purger_options_changed();  // it may sleep out a tick of the 60 s delay
   ebb_trim();
 }
 
@@ -247,10 +239,7 @@ TEST(Purge, OnlyABigBurstGetsTheShortDelay) {
   // The bins are asked at a time `now` one short delay ahead, when the
   // bursts below have waited it and are not cold yet (that takes two); long
   // delays keep the purger from acting on them meanwhile.
-  const uint32_t saved_delay = ebb::g_options.purge_delay_ms, saved_empty = ebb::g_options.empty_delay_ms;
-  ebb::g_options.purge_delay_ms = 60000;
-  ebb::g_options.empty_delay_ms = 5000;
-  ebb::purger_options_changed();
+  Delays delays(60000, 5000);
   ebb_trim();
   auto working_set = fill(64 * MiB, 256);  // stays live
   auto small = fill(8 * MiB, 2048);        // an eighth of it
@@ -260,8 +249,5 @@ TEST(Purge, OnlyABigBurstGetsTheShortDelay) {
   for (void* p : big) free(p);
   EXPECT_TRUE(ebb::bins_big_burst(ebb::os::now_ms() + 5000)) << "40 MiB free against 64 MiB live";
   for (void* p : working_set) free(p);
-  ebb::g_options.purge_delay_ms = saved_delay;
-  ebb::g_options.empty_delay_ms = saved_empty;
-  ebb::purger_options_changed();
   ebb_trim();
 }
