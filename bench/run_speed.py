@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Time the speed/ scripts under each allocator; print median wall times.
+"""Time the speed/ scripts under each allocator; print median and fastest wall times.
 
 Each (script, allocator) pair runs --runs times, interleaved (every allocator
 once per round) to spread machine noise evenly.  Wall time is measured around
@@ -9,6 +9,7 @@ column is median time / median time under pymalloc (CPython's default), so
 between runs or allocators is reported as a failure.
 """
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -36,6 +37,9 @@ def main():
                     help="comma-separated allocators or 'all' (%s)" % ", ".join(allocators.NAMES))
     ap.add_argument("--runs", type=int, default=5, help="runs per pair (default: %(default)s)")
     ap.add_argument("--timeout", type=float, default=120, help="seconds per run (default: %(default)s)")
+    ap.add_argument("--cpu", type=int, metavar="N",
+                    help="run every child on CPU N only (os.sched_setaffinity): less noise in an A/B "
+                         "of two builds; libebb's purger then shares the CPU with the program")
     ap.add_argument("--json", metavar="FILE", help="also write all times as JSON to FILE ('-': stdout)")
     args = ap.parse_args()
 
@@ -45,6 +49,11 @@ def main():
         ap.error(f"unknown script(s) {', '.join(unknown)}; known: {', '.join(SCRIPTS)}")
     if args.runs < 1:
         ap.error("--runs must be >= 1")
+    if args.cpu is not None:
+        try:
+            os.sched_setaffinity(0, {args.cpu})  # inherited by every child
+        except (OSError, ValueError) as e:
+            ap.error(f"--cpu {args.cpu}: {e}")
     # glibc+trim only differs from glibc in the memory scenarios.
     out = sys.stderr if args.json == "-" else sys.stdout  # keep stdout pure JSON
     names = [n for n in allocators.split_names(args.allocators) if n != "glibc+trim"]
@@ -72,9 +81,17 @@ def main():
             errors.append(f"{script}: checksums differ between runs/allocators: {sorted(outs)}")
 
     names = [a for a, _ in chosen]
-    med = {k: statistics.median(v) if v else None for k, v in times.items()}
-    print(f"Interpreter: {allocators.PYTHON}; runs: {args.runs}; "
-          "median wall time in s (ratio vs pymalloc)\n", file=out)
+    pinned = f"; pinned to CPU {args.cpu}" if args.cpu is not None else ""
+    print(f"Interpreter: {allocators.PYTHON}; runs: {args.runs}{pinned}", file=out)
+    for what, pick in (("median", statistics.median), ("fastest", min)):
+        print(f"\n{what} wall time in s (ratio vs pymalloc)\n", file=out)
+        table(out, scripts, names, {k: pick(v) if v else None for k, v in times.items()})
+    allocators.finish(out, errors, args.json,
+                      {"runs": args.runs, "times_s": {f"{s}/{a}": v for (s, a), v in times.items()}})
+
+
+def table(out, scripts, names, med):
+    """One markdown table of times per script and allocator, with ratios to pymalloc."""
     print("| script | " + " | ".join(names) + " |", file=out)
     print("|---|" + "---|" * len(names), file=out)
     for script in scripts:
@@ -96,8 +113,6 @@ def main():
                       if med[s, name] and med[s, "pymalloc"]]
             geo.append(f"{statistics.geometric_mean(ratios):.2f}" if ratios else "FAIL")
         print("| geomean ratio | " + " | ".join(geo) + " |", file=out)
-    allocators.finish(out, errors, args.json,
-                      {"runs": args.runs, "times_s": {f"{s}/{a}": v for (s, a), v in times.items()}})
 
 
 if __name__ == "__main__":
