@@ -111,6 +111,15 @@ unsigned span_returned(Bin& b, Span* s, uint32_t k, size_t hint, uint32_t now, u
 
 namespace {
 
+// Aborts if one of the slots `add` of bitmap word w overlaps a purged page:
+// that object was already free (see span_slot_parked).
+EBB_NOINLINE void check_parked(const Span* s, size_t w, uint64_t add) {
+  for (; add != 0; add &= add - 1) {
+    const size_t slot = w * 64 + static_cast<size_t>(__builtin_ctzll(add));
+    if (span_slot_parked(s, slot)) os::fatal_pointer("free", "double free", s->start + slot * class_size(s->cls));
+  }
+}
+
 // Sets the bits `add` in word w of a span's free bitmap, which were clear
 // unless an object was freed twice; lowers the span's hint to w if needed.
 EBB_INLINE void bitmap_add(const Span* s, const SpanBitmap& bits, size_t w, uint64_t add, size_t* hint) {
@@ -119,6 +128,7 @@ EBB_INLINE void bitmap_add(const Span* s, const SpanBitmap& bits, size_t w, uint
     const size_t slot = w * 64 + static_cast<size_t>(__builtin_ctzll(word & add));
     os::fatal_pointer("free", "double free", s->start + slot * class_size(s->cls));
   }
+  if (EBB_UNLIKELY(s->parked != 0)) check_parked(s, w, add);
   word |= add;
   if (w < *hint) *hint = w;
 }

@@ -65,13 +65,15 @@ static_assert(sizeof(Span) == 56, "64 span descriptors and the segment header sh
 static_assert(sizeof(Span) % sizeof(uint64_t) == 0, "spare descriptors hold whole bitmap words");
 
 enum SegmentKind : uint32_t { kSmallSegment = 1, kLargeSegment = 2 };
+// SegmentHeader::large_state, read by free() without a lock (atomically).
+enum LargeState : uint32_t { kLargeLive = 1, kLargeCached = 2, kLargeGoing = 3 /* being unmapped */ };
 constexpr uint64_t kSegmentMagic = 0x65626273656730ull;  // "ebbseg0"
 
 // Common to both kinds, at the very start of the mapping.
 struct SegmentHeader {
   uint64_t magic;
   SegmentKind kind;
-  uint32_t large_state;  // large: 1 live, 2 cached
+  uint32_t large_state;  // large: a LargeState
   size_t map_size;       // bytes mapped from the segment start
   size_t offset;         // large: the object starts at segment + offset
   size_t request;        // large: bytes asked for (for stats)
@@ -197,7 +199,16 @@ size_t span_purge(Span* s);
 // The last object came back: start carving from the first slot again, so the
 // span is reused in address order instead of in the order it was freed.
 void span_reset(Span* s);
+// Page `page` of span s was given back while the span lives (Segment::purged).
+bool span_page_purged(const Span* s, size_t page);
+void span_set_purged(Span* s, size_t page);
+void span_clear_purged(Span* s, size_t page);
 bool span_is_free_slot(Span* s, const void* p);  // for double-free reports (slow)
+// Whether slot idx overlaps a purged page. A live object never does (a page
+// is purged only when every slot on it is free), so an object coming back
+// on one was already free: its key, which a double free would have shown,
+// went with the page.
+bool span_slot_parked(const Span* s, size_t idx);
 size_t span_resident_pages(const Span* s);
 // Where a span's free bitmap lives. A span of n slices uses only the first of
 // its n descriptors: the other n - 1 (7 words each, in the header page that

@@ -126,7 +126,7 @@ SegmentHeader* cache_take(size_t need, size_t offset, size_t size, bool* slack) 
   g_counters.large_cached.fetch_sub(h->map_size, std::memory_order_relaxed);
   h->offset = offset;
   h->request = size;
-  h->large_state = 1;
+  __atomic_store_n(&h->large_state, kLargeLive, __ATOMIC_RELAXED);
   if (h->map_size >= need + 16 * kPageSize && slack_add(h))
     *slack = true;
   else
@@ -134,17 +134,23 @@ SegmentHeader* cache_take(size_t need, size_t offset, size_t size, bool* slack) 
   return h;
 }
 
-// Block h was freed: takes it out of the slack table and puts it in the
-// cache if `cacheable` and there is room (returns true), whole. Otherwise the
-// caller unmaps it.
-bool retire(SegmentHeader* h, bool cacheable) {
+// Block h (object p) was freed: takes it out of the slack table and puts it
+// in the cache if `cacheable` and there is room (returns true), whole.
+// Otherwise the caller unmaps it.
+bool retire(SegmentHeader* h, const void* p, bool cacheable) {
   const uint64_t limit = uint64_t{g_options.large_cache_mb} << 20;
   LockGuard guard(g_large_lock);
+  // Two threads freeing p at once both passed check_large_pointer(); only
+  // the first gets here while p is live, or both would cache or unmap it.
+  if (EBB_UNLIKELY(__atomic_load_n(&h->large_state, __ATOMIC_RELAXED) != kLargeLive))
+    os::fatal_pointer("free", "double free", p);
   slack_remove(h);
   if (!cacheable || g_cached == kCacheSlots ||
-      g_counters.large_cached.load(std::memory_order_relaxed) + h->map_size > limit)
+      g_counters.large_cached.load(std::memory_order_relaxed) + h->map_size > limit) {
+    __atomic_store_n(&h->large_state, kLargeGoing, __ATOMIC_RELAXED);
     return false;
-  h->large_state = 2;
+  }
+  __atomic_store_n(&h->large_state, kLargeCached, __ATOMIC_RELAXED);
   g_cache[g_cached++] = {h, static_cast<uint32_t>(os::now_ms()), 0};
   g_counters.large_cached.fetch_add(h->map_size, std::memory_order_relaxed);
   return true;
@@ -186,7 +192,7 @@ void* large_alloc(size_t size, size_t align, bool zero) {
     h->map_size = need;
     h->offset = offset;
     h->request = size;
-    h->large_state = 1;
+    h->large_state = kLargeLive;  // before register_block publishes h
     g_counters.mapped.fetch_add(need, std::memory_order_relaxed);
     register_block(h, true);
   }
@@ -199,14 +205,15 @@ void* large_alloc(size_t size, size_t align, bool zero) {
 
 static void check_large_pointer(SegmentHeader* h, const void* p, const char* what) {
   if (EBB_UNLIKELY(p != reinterpret_cast<char*>(h) + h->offset)) os::fatal_pointer(what, "invalid pointer", p);
-  if (EBB_UNLIKELY(h->large_state != 1)) os::fatal_pointer(what, "double free", p);
+  if (EBB_UNLIKELY(__atomic_load_n(&h->large_state, __ATOMIC_RELAXED) != kLargeLive))
+    os::fatal_pointer(what, "double free", p);
 }
 
 void large_free(SegmentHeader* h, void* p) {
   check_large_pointer(h, p, "free");
   g_counters.large_live.fetch_sub(h->request, std::memory_order_relaxed);
   const bool shifted = (reinterpret_cast<uintptr_t>(h) & kSegmentMask) != 0;  // not reusable as-is
-  if (retire(h, !shifted)) {
+  if (retire(h, p, !shifted)) {
     purge_notify();
     return;
   }
@@ -214,7 +221,8 @@ void large_free(SegmentHeader* h, void* p) {
 }
 
 size_t large_usable(SegmentHeader* h, const void* p) {
-  if (p != reinterpret_cast<char*>(h) + h->offset || h->large_state != 1) return 0;
+  if (p != reinterpret_cast<char*>(h) + h->offset || __atomic_load_n(&h->large_state, __ATOMIC_RELAXED) != kLargeLive)
+    return 0;
   return used_size(h) - h->offset;  // not the slack (see the top of this file)
 }
 

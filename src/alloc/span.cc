@@ -26,23 +26,36 @@ namespace ebb {
 namespace {
 
 // A span's purged-page bits are its pages' range of the segment's bitmap.
+// One word holds the bits of four slices, which may belong to spans of
+// different classes, each changed under its own bin's lock: every update of
+// a word is an atomic read-modify-write, or two spans' updates could undo
+// each other (a page of live objects left marked purged, or a purged page's
+// slots left parked with no bit to say so). A span's own bits change only
+// under its lock, so relaxed order is enough.
 size_t page_base(const Span* s) { return size_t{s->slice} * kPagesPerSlice; }
-bool page_purged(const Span* s, size_t page) {
+uint64_t* purged_word(const Span* s, size_t i) { return &segment_of_span(s)->purged[i >> 6]; }
+
+}  // namespace
+
+bool span_page_purged(const Span* s, size_t page) {
   size_t i = page_base(s) + page;
-  return (segment_of_span(s)->purged[i >> 6] >> (i & 63)) & 1;
+  return (__atomic_load_n(purged_word(s, i), __ATOMIC_RELAXED) >> (i & 63)) & 1;
 }
-void set_purged(Span* s, size_t page) {
+void span_set_purged(Span* s, size_t page) {
   size_t i = page_base(s) + page;
-  segment_of_span(s)->purged[i >> 6] |= uint64_t{1} << (i & 63);
+  __atomic_fetch_or(purged_word(s, i), uint64_t{1} << (i & 63), __ATOMIC_RELAXED);
 }
-void clear_purged(Span* s, size_t page) {
+void span_clear_purged(Span* s, size_t page) {
   size_t i = page_base(s) + page;
-  segment_of_span(s)->purged[i >> 6] &= ~(uint64_t{1} << (i & 63));
+  __atomic_fetch_and(purged_word(s, i), ~(uint64_t{1} << (i & 63)), __ATOMIC_RELAXED);
 }
 
+namespace {
+
 // Calls f(word, mask) for the words of the segment's purged bitmap that hold
-// the span's pages; mask selects the span's bits. Spans start on a slice
-// boundary (16 pages), so a word holds bits of at most four spans.
+// the span's pages (f must access *word atomically); mask selects the span's
+// bits. Spans start on a slice boundary (16 pages), so a word holds bits of
+// at most four spans.
 template <typename F>
 EBB_INLINE void for_purged_words(const Span* s, F f) {
   const size_t first = page_base(s);
@@ -52,19 +65,21 @@ EBB_INLINE void for_purged_words(const Span* s, F f) {
     size_t lo = w << 6 < first ? first - (w << 6) : 0;
     size_t hi = (w + 1) << 6 > end ? end - (w << 6) : 64;
     uint64_t mask = (hi - lo == 64 ? ~uint64_t{0} : ((uint64_t{1} << (hi - lo)) - 1)) << lo;
-    f(bits[w], mask);
+    f(&bits[w], mask);
   }
 }
 
 bool any_purged(const Span* s) {
   bool any = false;
-  for_purged_words(s, [&](uint64_t& w, uint64_t m) { any |= (w & m) != 0; });
+  for_purged_words(s, [&](uint64_t* w, uint64_t m) { any |= (__atomic_load_n(w, __ATOMIC_RELAXED) & m) != 0; });
   return any;
 }
 
 size_t count_purged(const Span* s) {
   size_t n = 0;
-  for_purged_words(s, [&](uint64_t& w, uint64_t m) { n += static_cast<size_t>(__builtin_popcountll(w & m)); });
+  for_purged_words(s, [&](uint64_t* w, uint64_t m) {
+    n += static_cast<size_t>(__builtin_popcountll(__atomic_load_n(w, __ATOMIC_RELAXED) & m));
+  });
   return n;
 }
 
@@ -74,7 +89,7 @@ EBB_INLINE size_t last_page(size_t idx, size_t size) { return (idx * size + size
 
 bool overlaps_purged(const Span* s, size_t idx, size_t size) {
   for (size_t p = first_page(idx, size); p <= last_page(idx, size); p++)
-    if (page_purged(s, p)) return true;
+    if (span_page_purged(s, p)) return true;
   return false;
 }
 
@@ -93,7 +108,7 @@ void purged_slots(const Span* s, size_t size, uint64_t* map) {
   if (s->bump == 0) return;
   const size_t pages = last_page(s->bump - 1u, size) + 1;
   for (size_t p = 0; p < pages; p++) {
-    if (!page_purged(s, p)) continue;
+    if (!span_page_purged(s, p)) continue;
     size_t lo = (p << kPageShift) / size;
     size_t hi = (((p + 1) << kPageShift) - 1) / size;
     if (hi >= s->bump) hi = s->bump - 1u;
@@ -136,7 +151,7 @@ void unpark(Span* s) {
   purged_slots(s, size, parked);
   const SpanBitmap bits(s);
   for (size_t w = 0; w < bitmap_words(s->bump); w++) bits[w] |= parked[w];
-  for (size_t p = 0; p < carved_pages; p++) clear_purged(s, p);
+  for (size_t p = 0; p < carved_pages; p++) span_clear_purged(s, p);
   s->nfree += s->parked;
   s->parked = 0;
   s->hint = first_nonzero_word(s);
@@ -158,7 +173,7 @@ void span_init(Span* s, unsigned cls) {
   // through span_reset (its last object came back), which clears it. Not
   // touching it here keeps a span that is only ever carved from faulting in
   // bitmap pages.
-  for_purged_words(s, [](uint64_t& w, uint64_t m) { w &= ~m; });
+  for_purged_words(s, [](uint64_t* w, uint64_t m) { __atomic_fetch_and(w, ~m, __ATOMIC_RELAXED); });
   // The spare descriptors hold bitmap words (SpanBitmap): one may have been
   // the descriptor of an earlier span. They are in the header page.
   Segment* seg = segment_of_span(s);
@@ -194,7 +209,8 @@ uint32_t span_take(Span* s, uint32_t want, FreeObj** end) {
     uint32_t n = want - got;
     if (n > cap - s->bump) n = cap - s->bump;
     if (any_purged(s)) {  // carving refaults these pages: they are no longer purged
-      for (size_t pg = first_page(s->bump, size); pg <= last_page(s->bump + n - 1, size); pg++) clear_purged(s, pg);
+      for (size_t pg = first_page(s->bump, size); pg <= last_page(s->bump + n - 1, size); pg++)
+        span_clear_purged(s, pg);
     }
     uint8_t* p = s->start + size_t{s->bump} * size;
     for (uint32_t i = 0; i < n; i++, p += size) *--out = reinterpret_cast<FreeObj*>(p);
@@ -227,7 +243,7 @@ size_t span_purge(Span* s) {
     size_t bytes = 0;
     size_t run = 0;
     for (size_t p = 0; p <= touched_pages; p++) {
-      if (p == touched_pages || page_purged(s, p)) {
+      if (p == touched_pages || span_page_purged(s, p)) {
         bytes += decommit_pages(s, run, p);
         run = p + 1;
       }
@@ -253,7 +269,7 @@ size_t span_purge(Span* s) {
   bool parked_more = false;
   for (size_t p = 0; p <= touched_pages; p++) {
     bool take = false;
-    if (p < touched_pages && !page_purged(s, p)) {
+    if (p < touched_pages && !span_page_purged(s, p)) {
       if (p < full_pages) {
         take = true;
         size_t first = (p << kPageShift) / size;
@@ -269,7 +285,7 @@ size_t span_purge(Span* s) {
     } else if (!take && run_open) {
       size_t got = decommit_pages(s, run, p);
       if (got != 0) {
-        for (size_t q = run; q < p; q++) set_purged(s, q);
+        for (size_t q = run; q < p; q++) span_set_purged(s, q);
         parked_more |= run < full_pages;
       }
       bytes += got;
@@ -292,6 +308,10 @@ size_t span_purge(Span* s) {
     s->hint = first_nonzero_word(s);
   }
   return bytes;
+}
+
+bool span_slot_parked(const Span* s, size_t idx) {
+  return s->parked > 0 && overlaps_purged(s, idx, class_size(s->cls));
 }
 
 bool span_is_free_slot(Span* s, const void* p) {

@@ -87,7 +87,10 @@ extern "C" __attribute__((visibility("default"))) int ebb_stats(ebb_stats_t* out
   s.purge_calls = g_counters.purge_calls.load(std::memory_order_relaxed);
   s.page_size = kPageSize;
   // Segment headers: about two pages each; large blocks: resident as mapped.
-  uint64_t large_mapped = s.mapped_bytes - s.segments * kSegmentSize;
+  // The two counters are read one after the other while the purger may be
+  // unmapping a segment (it lowers `mapped` first): never below zero.
+  const uint64_t small_mapped = s.segments * kSegmentSize;
+  const uint64_t large_mapped = s.mapped_bytes > small_mapped ? s.mapped_bytes - small_mapped : 0;
   s.resident_bytes = s.active_pages * kPageSize + s.segments * 2 * kPageSize + large_mapped;
   memcpy(out, &s, s.size);
   return 0;

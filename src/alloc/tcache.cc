@@ -22,8 +22,13 @@ constexpr uint16_t kColdCalls = 8;
 pthread_key_t g_exit_key;
 bool g_exit_key_ok = false;
 
+// Takes tc out of the registry and adds its counts to the released ones,
+// in one step for ebb_stats(), which reads both under the same lock.
 void tcache_unregister(ThreadCache* tc) {
   LockGuard guard(g_tcache_lock);
+  g_counters.released_allocs.fetch_add(tc->allocs, std::memory_order_relaxed);
+  g_counters.released_bytes.fetch_add(tc->alloc_bytes, std::memory_order_relaxed);
+  tc->allocs = tc->alloc_bytes = 0;
   if (tc->prev != nullptr)
     tc->prev->next = tc->next;
   else if (g_tcaches == tc)
@@ -51,14 +56,14 @@ void no_cache(ThreadCache* tc) {
 void on_thread_exit(void* arg) {
   auto* tc = static_cast<ThreadCache*>(arg);
   tcache_flush_all(tc);
+  // Out of the registry before the stacks change: ebb_stats() reads another
+  // thread's `top` and `low` one after the other, and a new top with an old
+  // low would count thousands of objects that are not there.
+  tcache_unregister(tc);
   tc->state = 2;
   no_cache(tc);
   if (tc->slots != nullptr) os::unmap(tc->slots, kSlotBytes);
   tc->slots = nullptr;
-  g_counters.released_allocs.fetch_add(tc->allocs, std::memory_order_relaxed);
-  g_counters.released_bytes.fetch_add(tc->alloc_bytes, std::memory_order_relaxed);
-  tc->allocs = tc->alloc_bytes = 0;
-  tcache_unregister(tc);
   threads_exited();
 }
 

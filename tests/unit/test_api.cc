@@ -380,6 +380,31 @@ TEST(BadInput, DoubleFreeAfterItsSpanEmptiedInTheSameBatch) {
       "double free of an object in the span at");
 }
 
+TEST(BadInput, DoubleFreeOfAnObjectOnAPurgedPage) {
+  // A page whose objects are all free is given back; reading it again gives
+  // zeros, so the key that marked p free is gone and free() takes p. The
+  // flush must still see that p overlaps a purged page: no live object does.
+  expect_double_free_of([] {
+    constexpr int kObjects = 1024;
+    constexpr size_t kSize = 256;  // 16 objects to a page
+    char* objs[kObjects];
+    for (char*& o : objs) {
+      o = static_cast<char*>(malloc(kSize));
+      memset(o, 0x5a, kSize);
+    }
+    int first = -1;  // 16 consecutive objects that fill one page
+    for (int i = 0; i + 15 < kObjects && first < 0; i++)
+      if ((reinterpret_cast<uintptr_t>(objs[i]) & 4095) == 0 && objs[i + 15] == objs[i] + 15 * kSize) first = i;
+    if (first < 0) _exit(3);
+    char* p = objs[first];
+    announce(p);
+    for (int i = first; i < first + 16; i++) free(objs[i]);
+    if (ebb_trim() == 0 || reinterpret_cast<volatile uint64_t*>(p)[1] != 0) _exit(4);  // the page went back
+    free(p);
+    ebb_trim();  // flushes p
+  });
+}
+
 TEST(BadInputDeathTest, DoubleFreeOfLargeObject) {
   EXPECT_DEATH(
       {

@@ -4,6 +4,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <atomic>
+#include <thread>
 #include <vector>
 
 #include "delays.h"
@@ -45,6 +47,45 @@ TEST(Purge, TrimGivesFreedSmallObjectsBack) {
   size_t after = rss_bytes();
   EXPECT_GE(released, 56 * MiB);
   EXPECT_LE(after + 56 * MiB, full) << "rss " << full / MiB << " MiB -> " << after / MiB << " MiB";
+}
+
+// One word of a segment's purged-page bits holds the pages of four slices,
+// which may be spans of different classes, each updated under its own bin's
+// lock: two threads updating their own spans' bits at once must not undo
+// each other's (a live page left marked purged would be given back).
+TEST(Purge, SpansSharingAPurgedWordKeepTheirBits) {
+  std::vector<ebb::Span*> spans;
+  ebb::Span* pair[2] = {nullptr, nullptr};
+  auto word = [](const ebb::Span* s) {
+    return std::make_pair(ebb::segment_of_span(s), s->slice * ebb::kPagesPerSlice / 64);
+  };
+  for (int i = 0; i < 8 && pair[1] == nullptr; i++) {
+    ebb::Span* s = ebb::segment_alloc_span(1);
+    ASSERT_NE(s, nullptr);
+    for (ebb::Span* t : spans)
+      if (pair[1] == nullptr && word(t) == word(s)) {
+        pair[0] = t;
+        pair[1] = s;
+      }
+    spans.push_back(s);
+  }
+  ASSERT_NE(pair[1], nullptr) << "no two new spans share a word of purged bits";
+  std::atomic<int> lost{0};
+  auto flip = [&lost](ebb::Span* s) {
+    for (int i = 0; i < 2000000; i++) {
+      const size_t page = static_cast<size_t>(i) % ebb::kPagesPerSlice;
+      ebb::span_set_purged(s, page);
+      if (!ebb::span_page_purged(s, page)) lost++;
+      ebb::span_clear_purged(s, page);
+      if (ebb::span_page_purged(s, page)) lost++;
+    }
+  };
+  std::thread a(flip, pair[0]);
+  std::thread b(flip, pair[1]);
+  a.join();
+  b.join();
+  EXPECT_EQ(lost.load(), 0);
+  for (ebb::Span* s : spans) ebb::segment_free_span(s);
 }
 
 // Every slot of the class's spans is either out (live or thread-cached) or
