@@ -66,7 +66,12 @@ static_assert(sizeof(Span) % sizeof(uint64_t) == 0, "spare descriptors hold whol
 
 enum SegmentKind : uint32_t { kSmallSegment = 1, kLargeSegment = 2 };
 // SegmentHeader::large_state, read by free() without a lock (atomically).
-enum LargeState : uint32_t { kLargeLive = 1, kLargeCached = 2, kLargeGoing = 3 /* being unmapped */ };
+enum LargeState : uint32_t {
+  kLargeLive = 1,
+  kLargeCached = 2,
+  kLargeGoing = 3,   // being unmapped
+  kLargeMoving = 4,  // realloc is growing or moving its mapping
+};
 constexpr uint64_t kSegmentMagic = 0x65626273656730ull;  // "ebbseg0"
 
 // Common to both kinds, at the very start of the mapping.

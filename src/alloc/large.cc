@@ -237,6 +237,10 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
   {
     // Under the lock: the purger may be unmapping this block's slack.
     LockGuard guard(g_large_lock);
+    // Checked again under the lock, as in retire(): a free() of p in another
+    // thread may have passed check_large_pointer() at the same time.
+    if (EBB_UNLIKELY(__atomic_load_n(&h->large_state, __ATOMIC_RELAXED) != kLargeLive))
+      os::fatal_pointer("realloc", "double free", p);
     in_place = need <= h->map_size;
     if (in_place) {
       // Grow into the slack, or shrink and leave slack behind: it waits for
@@ -251,6 +255,9 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
       }
     } else {
       slack_remove(h);  // it outgrows its mapping: no slack left
+      // While the mapping grows or moves, a free() or realloc() of p in
+      // another thread fails its check instead of unmapping it under us.
+      __atomic_store_n(&h->large_state, kLargeMoving, __ATOMIC_RELAXED);
     }
   }
   if (in_place) {
@@ -278,6 +285,7 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
   }
   if (r == MAP_FAILED) {
     // No room to grow or move the mapping: copy.
+    __atomic_store_n(&h->large_state, kLargeLive, __ATOMIC_RELAXED);
     void* q = large_alloc(size, kMinAlign, false);
     if (q == nullptr) return nullptr;
     memcpy(q, p, used_size(h) - h->offset);  // all the old block's usable bytes
@@ -286,6 +294,7 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
   }
   auto* nh = static_cast<SegmentHeader*>(r);
   nh->map_size = need;
+  __atomic_store_n(&nh->large_state, kLargeLive, __ATOMIC_RELAXED);
   g_counters.mapped.fetch_add(need - old_size, std::memory_order_relaxed);
   g_counters.large_live.fetch_add(size - nh->request, std::memory_order_relaxed);
   nh->request = size;

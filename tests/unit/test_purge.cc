@@ -59,7 +59,10 @@ TEST(Purge, SpansSharingAPurgedWordKeepTheirBits) {
   auto word = [](const ebb::Span* s) {
     return std::make_pair(ebb::segment_of_span(s), s->slice * ebb::kPagesPerSlice / 64);
   };
-  for (int i = 0; i < 8 && pair[1] == nullptr; i++) {
+  // Spans come from the oldest segments' free slices first: on a heap with
+  // one free slice in each group of four, it takes a few dozen to reach a
+  // fresh segment, where consecutive slices share a word.
+  for (int i = 0; i < 4096 && pair[1] == nullptr; i++) {
     ebb::Span* s = ebb::segment_alloc_span(1);
     ASSERT_NE(s, nullptr);
     for (ebb::Span* t : spans)
