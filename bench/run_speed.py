@@ -90,15 +90,15 @@ def main():
                       {"runs": args.runs, "times_s": {f"{s}/{a}": v for (s, a), v in times.items()}})
 
 
-def table(out, scripts, names, med):
+def table(out, scripts, names, secs):
     """One markdown table of times per script and allocator, with ratios to pymalloc."""
     print("| script | " + " | ".join(names) + " |", file=out)
     print("|---|" + "---|" * len(names), file=out)
     for script in scripts:
-        ref = med.get((script, "pymalloc"))
+        ref = secs.get((script, "pymalloc"))
         cells = []
         for name in names:
-            t = med[script, name]
+            t = secs[script, name]
             if t is None:
                 cells.append("FAIL")
             elif ref:
@@ -109,8 +109,8 @@ def table(out, scripts, names, med):
     if "pymalloc" in names:
         geo = []
         for name in names:
-            ratios = [med[s, name] / med[s, "pymalloc"] for s in scripts
-                      if med[s, name] and med[s, "pymalloc"]]
+            ratios = [secs[s, name] / secs[s, "pymalloc"] for s in scripts
+                      if secs[s, name] and secs[s, "pymalloc"]]
             geo.append(f"{statistics.geometric_mean(ratios):.2f}" if ratios else "FAIL")
         print("| geomean ratio | " + " | ".join(geo) + " |", file=out)
 

@@ -110,6 +110,13 @@ void unmap_block(SegmentHeader* h) {
   g_counters.unmapped_total.fetch_add(size, std::memory_order_relaxed);
 }
 
+// free() and realloc() read a block's state without the lock, to reject a
+// pointer that is not live; the changes are made under g_large_lock.
+LargeState state_of(const SegmentHeader* h) {
+  return static_cast<LargeState>(__atomic_load_n(&h->large_state, __ATOMIC_RELAXED));
+}
+void set_state(SegmentHeader* h, LargeState state) { __atomic_store_n(&h->large_state, state, __ATOMIC_RELAXED); }
+
 // Best-fitting cached block of at least `need` bytes, for an object of
 // `size` bytes at `offset`: whole if the slack table takes its tail (then
 // *slack is set), else trimmed to `need`. The object's offset and size are
@@ -126,7 +133,7 @@ SegmentHeader* cache_take(size_t need, size_t offset, size_t size, bool* slack) 
   g_counters.large_cached.fetch_sub(h->map_size, std::memory_order_relaxed);
   h->offset = offset;
   h->request = size;
-  __atomic_store_n(&h->large_state, kLargeLive, __ATOMIC_RELAXED);
+  set_state(h, kLargeLive);
   if (h->map_size >= need + 16 * kPageSize && slack_add(h))
     *slack = true;
   else
@@ -142,15 +149,14 @@ bool retire(SegmentHeader* h, const void* p, bool cacheable) {
   LockGuard guard(g_large_lock);
   // Two threads freeing p at once both passed check_large_pointer(); only
   // the first gets here while p is live, or both would cache or unmap it.
-  if (EBB_UNLIKELY(__atomic_load_n(&h->large_state, __ATOMIC_RELAXED) != kLargeLive))
-    os::fatal_pointer("free", "double free", p);
+  if (EBB_UNLIKELY(state_of(h) != kLargeLive)) os::fatal_pointer("free", "double free", p);
   slack_remove(h);
   if (!cacheable || g_cached == kCacheSlots ||
       g_counters.large_cached.load(std::memory_order_relaxed) + h->map_size > limit) {
-    __atomic_store_n(&h->large_state, kLargeGoing, __ATOMIC_RELAXED);
+    set_state(h, kLargeGoing);
     return false;
   }
-  __atomic_store_n(&h->large_state, kLargeCached, __ATOMIC_RELAXED);
+  set_state(h, kLargeCached);
   g_cache[g_cached++] = {h, static_cast<uint32_t>(os::now_ms()), 0};
   g_counters.large_cached.fetch_add(h->map_size, std::memory_order_relaxed);
   return true;
@@ -205,8 +211,7 @@ void* large_alloc(size_t size, size_t align, bool zero) {
 
 static void check_large_pointer(SegmentHeader* h, const void* p, const char* what) {
   if (EBB_UNLIKELY(p != reinterpret_cast<char*>(h) + h->offset)) os::fatal_pointer(what, "invalid pointer", p);
-  if (EBB_UNLIKELY(__atomic_load_n(&h->large_state, __ATOMIC_RELAXED) != kLargeLive))
-    os::fatal_pointer(what, "double free", p);
+  if (EBB_UNLIKELY(state_of(h) != kLargeLive)) os::fatal_pointer(what, "double free", p);
 }
 
 void large_free(SegmentHeader* h, void* p) {
@@ -221,8 +226,7 @@ void large_free(SegmentHeader* h, void* p) {
 }
 
 size_t large_usable(SegmentHeader* h, const void* p) {
-  if (p != reinterpret_cast<char*>(h) + h->offset || __atomic_load_n(&h->large_state, __ATOMIC_RELAXED) != kLargeLive)
-    return 0;
+  if (p != reinterpret_cast<char*>(h) + h->offset || state_of(h) != kLargeLive) return 0;
   return used_size(h) - h->offset;  // not the slack (see the top of this file)
 }
 
@@ -239,8 +243,7 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
     LockGuard guard(g_large_lock);
     // Checked again under the lock, as in retire(): a free() of p in another
     // thread may have passed check_large_pointer() at the same time.
-    if (EBB_UNLIKELY(__atomic_load_n(&h->large_state, __ATOMIC_RELAXED) != kLargeLive))
-      os::fatal_pointer("realloc", "double free", p);
+    if (EBB_UNLIKELY(state_of(h) != kLargeLive)) os::fatal_pointer("realloc", "double free", p);
     in_place = need <= h->map_size;
     if (in_place) {
       // Grow into the slack, or shrink and leave slack behind: it waits for
@@ -257,7 +260,7 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
       slack_remove(h);  // it outgrows its mapping: no slack left
       // While the mapping grows or moves, a free() or realloc() of p in
       // another thread fails its check instead of unmapping it under us.
-      __atomic_store_n(&h->large_state, kLargeMoving, __ATOMIC_RELAXED);
+      set_state(h, kLargeMoving);
     }
   }
   if (in_place) {
@@ -285,7 +288,7 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
   }
   if (r == MAP_FAILED) {
     // No room to grow or move the mapping: copy.
-    __atomic_store_n(&h->large_state, kLargeLive, __ATOMIC_RELAXED);
+    set_state(h, kLargeLive);
     void* q = large_alloc(size, kMinAlign, false);
     if (q == nullptr) return nullptr;
     memcpy(q, p, used_size(h) - h->offset);  // all the old block's usable bytes
@@ -294,7 +297,7 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
   }
   auto* nh = static_cast<SegmentHeader*>(r);
   nh->map_size = need;
-  __atomic_store_n(&nh->large_state, kLargeLive, __ATOMIC_RELAXED);
+  set_state(nh, kLargeLive);
   g_counters.mapped.fetch_add(need - old_size, std::memory_order_relaxed);
   g_counters.large_live.fetch_add(size - nh->request, std::memory_order_relaxed);
   nh->request = size;
