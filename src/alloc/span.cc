@@ -316,7 +316,7 @@ bool span_slot_parked(const Span* s, size_t idx) {
 
 bool span_is_free_slot(Span* s, const void* p) {
   size_t i = span_slot(s, p);
-  return ((SpanBitmap(s)[i >> 6] >> (i & 63)) & 1) || (s->parked > 0 && overlaps_purged(s, i, class_size(s->cls)));
+  return ((SpanBitmap(s)[i >> 6] >> (i & 63)) & 1) || span_slot_parked(s, i);
 }
 
 size_t span_resident_pages(const Span* s) {
