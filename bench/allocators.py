@@ -11,6 +11,10 @@ skipped.  Run this file to list the allocators and their status.
 `ebb:EBB_PURGE_DELAY_MS=1000` or `ebb:EBB_BACKGROUND=0`, to measure what a
 setting trades. `ebb@/path/to/libebb.so` is another build of libebb, to
 compare two builds in one run.
+
+`floor` is not an allocator to use but a reference point for speed: the
+least work a preloaded allocator can do per call (bench/floor/floor_alloc.cc:
+unchecked free lists, no memory ever given back). It is not part of `all`.
 """
 import argparse
 import json
@@ -24,6 +28,7 @@ from pathlib import Path
 PYTHON = "/usr/bin/python3"
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_EBB_LIB = BENCH_DIR.parent / "build" / "lib" / "libebb.so"
+FLOOR_LIB = BENCH_DIR.parent / "build" / "lib" / "libfloor_alloc.so"
 
 # Debian package and a pattern for the library file it ships.
 PEER_PACKAGES = {
@@ -38,6 +43,7 @@ CONTROLLED = ("LD_PRELOAD", "PYTHONMALLOC", "MALLOC_CONF", "EBB_BENCH_TRIM",
 
 NAMES = ["ebb", "glibc", "glibc+trim", "jemalloc", "jemalloc-decay0",
          "mimalloc", "tcmalloc", "pymalloc"]
+REFERENCES = ["floor"]  # accepted by name, not part of "all"
 
 
 def ebb_lib():
@@ -81,13 +87,17 @@ def spec(name):
         lib = ebb_lib()
         if not lib.is_file():
             return None, f"{lib} not found (build ebb or set EBB_LIB)"
+    elif name == "floor":
+        lib = FLOOR_LIB
+        if not lib.is_file():
+            return None, f"{lib} not found (make build)"
     elif name in ("jemalloc", "jemalloc-decay0", "mimalloc", "tcmalloc"):
         package, pattern = PEER_PACKAGES[name.split("-")[0]]
         lib = dpkg_lib(package, pattern)
         if lib is None:
             return None, f"library of Debian package {package} not found"
     else:
-        return None, f"unknown allocator (known: {', '.join(NAMES)})"
+        return None, f"unknown allocator (known: {', '.join(NAMES + REFERENCES)})"
     env = {"LD_PRELOAD": str(lib), "PYTHONMALLOC": "malloc", **settings}
     if name == "jemalloc-decay0":
         env["MALLOC_CONF"] = "background_thread:true,dirty_decay_ms:0,muzzy_decay_ms:0"
@@ -150,7 +160,7 @@ def split_names(text):
 
 def main():
     argparse.ArgumentParser(description=__doc__).parse_args()
-    for name in NAMES:
+    for name in NAMES + REFERENCES:
         extra, error = spec(name)
         shown = " ".join(f"{k}={v}" for k, v in extra.items()) if extra is not None else ""
         print(f"{name:16} {'MISSING: ' + error if error else shown or '(default CPython)'}")
