@@ -110,7 +110,10 @@ def main():
         idle_points = []
     if not idle_points or idle_points != sorted(idle_points) or idle_points[0] < 0:
         ap.error(f"--idle must be ascending seconds >= 0, e.g. 1,12 (got {args.idle!r})")
-    chosen = allocators.resolve(allocators.split_names(args.allocators))
+    names = allocators.split_names(args.allocators)
+    for name in set(names) & set(allocators.REFERENCES):  # never gives memory back: no figure to compare
+        print(f"skipping allocator {name}: a speed reference only", file=sys.stderr)
+    chosen = allocators.resolve([n for n in names if n not in allocators.REFERENCES])
     if not chosen:
         sys.exit("no usable allocator")
 

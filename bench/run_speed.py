@@ -34,7 +34,8 @@ def main():
     ap.add_argument("--scripts", default=",".join(SCRIPTS),
                     help="comma-separated scripts from speed/ (default: %(default)s)")
     ap.add_argument("--allocators", default="all",
-                    help="comma-separated allocators or 'all' (%s)" % ", ".join(allocators.NAMES))
+                    help="comma-separated allocators or 'all' (%s); reference, not in 'all': %s"
+                    % (", ".join(allocators.NAMES), ", ".join(allocators.REFERENCES)))
     ap.add_argument("--runs", type=int, default=5, help="runs per pair (default: %(default)s)")
     ap.add_argument("--timeout", type=float, default=120, help="seconds per run (default: %(default)s)")
     ap.add_argument("--cpu", type=int, metavar="N",
