@@ -111,12 +111,17 @@ unsigned span_returned(Bin& b, Span* s, uint32_t k, size_t hint, uint32_t now, u
 
 namespace {
 
+// The object in slot `slot` of span s came back while already free.
+[[noreturn]] EBB_NOINLINE void double_free(const Span* s, size_t slot) {
+  os::fatal_pointer("free", "double free", s->start + slot * class_size(s->cls));
+}
+
 // Aborts if one of the slots `add` of bitmap word w overlaps a purged page:
 // that object was already free (see span_slot_parked).
 EBB_NOINLINE void check_parked(const Span* s, size_t w, uint64_t add) {
   for (; add != 0; add &= add - 1) {
     const size_t slot = w * 64 + static_cast<size_t>(__builtin_ctzll(add));
-    if (span_slot_parked(s, slot)) os::fatal_pointer("free", "double free", s->start + slot * class_size(s->cls));
+    if (span_slot_parked(s, slot)) double_free(s, slot);
   }
 }
 
@@ -124,10 +129,7 @@ EBB_NOINLINE void check_parked(const Span* s, size_t w, uint64_t add) {
 // unless an object was freed twice; lowers the span's hint to w if needed.
 EBB_INLINE void bitmap_add(const Span* s, const SpanBitmap& bits, size_t w, uint64_t add, size_t* hint) {
   uint64_t& word = bits[w];
-  if (EBB_UNLIKELY(word & add)) {
-    const size_t slot = w * 64 + static_cast<size_t>(__builtin_ctzll(word & add));
-    os::fatal_pointer("free", "double free", s->start + slot * class_size(s->cls));
-  }
+  if (EBB_UNLIKELY(word & add)) double_free(s, w * 64 + static_cast<size_t>(__builtin_ctzll(word & add)));
   if (EBB_UNLIKELY(s->parked != 0)) check_parked(s, w, add);
   word |= add;
   if (w < *hint) *hint = w;
