@@ -4,6 +4,7 @@ PY      ?= /usr/bin/python3
 BUILD   ?= build
 WERROR  ?= OFF
 CMAKE_FLAGS ?=
+LINT_FLAGS ?=
 
 .PHONY: all deps build unit integration cpython test demo bench bench-memory bench-speed bench-micro bench-preload \
         install format format-check lint clean
@@ -60,7 +61,7 @@ format:
 format-check: deps
 	clang-format --dry-run --Werror $(SOURCES)
 lint: build
-	clang-tidy -p $(BUILD) --quiet $(filter %.cc,$(SOURCES))
+	clang-tidy -p $(BUILD) --quiet $(LINT_FLAGS) $(filter %.cc,$(SOURCES))
 
 clean:
 	rm -rf $(BUILD)

@@ -71,7 +71,7 @@ uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** out) {
     b.out += got;
   }
   // Out of memory: what was found is at the top of out[]; move it down.
-  if (got < want) memmove(static_cast<void*>(out), out + (want - got), got * sizeof(FreeObj*));
+  if (got < want) memmove(static_cast<void*>(out), out + (want - got), got * kSlotSize);
   return got;
 }
 

@@ -308,6 +308,9 @@ constexpr size_t cache_slots_total() {
 }
 constexpr size_t kCacheSlots = cache_slots_total();
 
+// Bytes of one slot of a cache stack (a FreeObj*).
+constexpr size_t kSlotSize = sizeof(void*);
+
 // The low 16 bits of an address. A class's stack is under 64 KiB, so they
 // tell its slots apart.
 EBB_INLINE uint16_t lo16(const void* p) { return static_cast<uint16_t>(reinterpret_cast<uintptr_t>(p)); }
@@ -323,11 +326,11 @@ struct CacheBin {
   uint16_t cold;   // slow-path calls left before this class gets a cache (0: it has one)
 
   // Objects below `t`, a value of `top` (stats read another thread's).
-  uint32_t count_at(const FreeObj* const* t) const { return static_cast<uint16_t>(lo16(t) - low) / sizeof(FreeObj*); }
+  uint32_t count_at(const FreeObj* const* t) const { return static_cast<uint16_t>(lo16(t) - low) / kSlotSize; }
   uint32_t count() const { return count_at(top); }
-  uint32_t max() const { return static_cast<uint16_t>(high - low) / sizeof(FreeObj*); }
+  uint32_t max() const { return static_cast<uint16_t>(high - low) / kSlotSize; }
   FreeObj** base() const { return top - count(); }
-  void set_max(uint32_t n) { high = static_cast<uint16_t>(low + n * sizeof(FreeObj*)); }
+  void set_max(uint32_t n) { high = static_cast<uint16_t>(low + n * kSlotSize); }
 };
 struct ThreadCache {
   CacheBin bins[kNumClasses + 1];

@@ -37,7 +37,7 @@ void tcache_unregister(ThreadCache* tc) {
   tc->next = tc->prev = nullptr;
 }
 
-constexpr size_t kSlotBytes = (kCacheSlots * sizeof(FreeObj*) + kPageSize - 1) & ~(kPageSize - 1);
+constexpr size_t kStacksBytes = (kCacheSlots * kSlotSize + kPageSize - 1) & ~(kPageSize - 1);
 
 // The stacks of a thread that has none (before its first allocation, after
 // it exits, or if mapping them failed): every bin empty and full at once.
@@ -62,7 +62,7 @@ void on_thread_exit(void* arg) {
   tcache_unregister(tc);
   tc->state = 2;
   no_cache(tc);
-  if (tc->slots != nullptr) os::unmap(tc->slots, kSlotBytes);
+  if (tc->slots != nullptr) os::unmap(tc->slots, kStacksBytes);
   tc->slots = nullptr;
   threads_exited();
 }
@@ -71,7 +71,7 @@ void tcache_init(ThreadCache* tc) {
   ensure_init();
   tc->state = 1;  // first: what follows may allocate and must not recurse here
   // Pages of the stacks become resident only for the classes in use.
-  tc->slots = static_cast<FreeObj**>(os::map_aligned(kSlotBytes, kPageSize));
+  tc->slots = static_cast<FreeObj**>(os::map_aligned(kStacksBytes, kPageSize));
   if (tc->slots == nullptr) {
     no_cache(tc);  // no memory for the stacks: this thread goes to the bins for every object
   } else {
@@ -128,7 +128,7 @@ void flush_oldest(unsigned cls, CacheBin& cb, uint32_t keep) {
   const uint32_t n = count - keep;
   FreeObj** base = cb.base();
   const Flushed f = bin_flush(cls, base, n);
-  memmove(static_cast<void*>(base), base + n, keep * sizeof(FreeObj*));
+  memmove(static_cast<void*>(base), base + n, keep * kSlotSize);
   cb.top = base + keep;
   purge_notify(f.emptied, f.cold);  // the stack is whole again (see Flushed)
 }

@@ -153,9 +153,10 @@ bool Zygote::start(const PythonCommand& cmd, const std::vector<std::string>& mod
   std::string preload;
   for (const auto& m : modules) preload += (preload.empty() ? "" : ",") + m;
   std::vector<std::string> args = cmd.interpreter;
-  for (std::string a : {std::string("-c"), std::string(kBoot), python_dir, std::string("--fd"), std::to_string(sv[1]),
-                        std::string("--ebb-pid"), std::to_string(getpid()), std::string("--stop-signal"),
-                        std::to_string(stop_signal), std::string("--preload"), preload, std::string("--")})
+  for (const std::string& a :
+       {std::string("-c"), std::string(kBoot), python_dir, std::string("--fd"), std::to_string(sv[1]),
+        std::string("--ebb-pid"), std::to_string(getpid()), std::string("--stop-signal"), std::to_string(stop_signal),
+        std::string("--preload"), preload, std::string("--")})
     args.push_back(a);
   args.insert(args.end(), cmd.run.begin(), cmd.run.end());
   std::vector<char*> argv = proc::c_strings(args), envp = proc::c_strings(env);

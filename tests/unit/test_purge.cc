@@ -138,7 +138,7 @@ void partly_used_spans(size_t size, size_t n, size_t keep_every, double released
   // Again on a heap where survivors sit between purged pages: free runs of
   // the new objects, purge, and check what stayed (a live object taken for
   // free would have its page purged, and read back as zeros).
-  const size_t run = 64 * 1024 / size;
+  const size_t run = size_t{64} * 1024 / size;
   for (size_t i = 0; i < n; i++)
     if ((i / run) % 2 == 0) {
       free(again[i]);

@@ -81,7 +81,8 @@ TEST(Threads, ManyThreadsStartAndExit) {
         std::vector<void*> mine;
         for (int i = 0; i < 2000; i++) mine.push_back(malloc(16 + static_cast<size_t>(i % 300)));
         for (size_t i = 1; i < mine.size(); i++) free(mine[i]);
-        handed_over[static_cast<size_t>(round * 20 + t)] = mine[0];  // freed later by the main thread
+        handed_over[static_cast<size_t>(round) * 20 + static_cast<size_t>(t)] =
+            mine[0];  // freed later by the main thread
       });
     for (auto& th : threads) th.join();
   }
@@ -113,7 +114,7 @@ TEST(Threads, LargeBlocksThatMoveOnReallocAreAllFreed) {
           b = nullptr;
           continue;
         }
-        size = b != nullptr && rng() % 2 == 0 ? size * 3 : 130 * 1024 + rng() % (300 * 1024);
+        size = b != nullptr && rng() % 2 == 0 ? size * 3 : size_t{130} * 1024 + rng() % (size_t{300} * 1024);
         auto* q = static_cast<unsigned char*>(realloc(b, size));
         ASSERT_NE(q, nullptr);
         q[0] = q[size - 1] = static_cast<unsigned char>(i);
@@ -251,7 +252,7 @@ TEST(Fork, ChildOfANonMainThreadEndsWhenItsThreadExits) {
       std::vector<void*> v;
       for (int i = 0; i < 50000; i++) v.push_back(malloc(64));
       for (void* p : v) free(p);  // starts the child's purger
-      struct timespec ts = {0, 300 * 1000 * 1000};
+      struct timespec ts = {0, 300L * 1000 * 1000};
       nanosleep(&ts, nullptr);
       pthread_exit(nullptr);
     }
