@@ -85,7 +85,7 @@ void register_trim(CLI::App& app, int& rc) {
   sub->add_flag("--all", o->all, "Every process of this user that runs libebb with telemetry");
   sub->add_option("--timeout", o->timeout_ms, "Milliseconds to wait for each acknowledgement (default: 5000)")
       ->check(CLI::Range(1, 600000));
-  sub->callback([o, &rc, sub] {
+  sub->callback([o, &rc] {
     if (o->pids.empty() && !o->all) throw CLI::RequiredError("PID or --all");
     rc = run_trim(*o);
   });

@@ -170,12 +170,12 @@ TEST(AlignedAlloc, AlignsAndRejectsNonPowersOfTwo) {
   EXPECT_TRUE(aligned(p, 4096));
   free(p);
   errno = 0;
-  EXPECT_EQ(aligned_alloc(48, 96), nullptr);
+  EXPECT_EQ(aligned_alloc(v(48), 96), nullptr);
   EXPECT_EQ(errno, EINVAL);
 }
 
 TEST(Memalign, RoundsNonPowersOfTwoUpLikeGlibc) {
-  void* p = memalign(48, 100);
+  void* p = memalign(v(48), 100);
   ASSERT_NE(p, nullptr);
   EXPECT_TRUE(aligned(p, 64));
   free(p);
