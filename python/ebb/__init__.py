@@ -11,10 +11,12 @@ Submodules, each used on its own:
 - ebb.rq: RQ workers that stop between jobs when ebb recycles them, so no
   job is lost (`rq worker --worker-class ebb.rq.SimpleWorker`).
 - ebb.celery: the same for Celery (`python3 -m ebb.celery -A proj worker`,
-  or `ebb.celery.install(app)`), and `ebb.celery.freeze_before_fork()`,
+  or `ebb.celery.install(app)`), for the prefork pool's processes too, and `ebb.celery.freeze_before_fork()`,
   which keeps the app shared between the processes of Celery's prefork pool.
 - ebb.gunicorn: config hooks that freeze a preloaded app so that workers
   keep sharing it (`from ebb.gunicorn import post_fork, when_ready`).
+- ebb.gthread: gunicorn's gthread worker, stopped without resetting its
+  keep-alive connections (`--worker-class ebb.gthread.ThreadWorker`).
 - ebb.zygote: the fork server behind `ebb run --preload` (started by ebb).
 """
 import ctypes

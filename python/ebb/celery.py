@@ -29,6 +29,18 @@ Use it either way:
 A second signal is still a stop request (use SIGQUIT for Celery's cold
 shutdown); ebb run sends SIGKILL after its grace.
 
+Celery's prefork pool (`ebb run --children -- python3 -m ebb.celery ...
+--pool prefork`): ebb recycles one pool process at a time, and billiard's
+pool processes exit at once, mid-task, on SIGTERM (billiard/common.py,
+`reset_signals`), so the task is lost (or, with acks_late, dropped or run
+twice). Under ebb (EBB_WORKER_ID set), this module also teaches every pool
+process a graceful stop: on RECYCLE_SIGNAL (SIGINT, which billiard's pool
+processes otherwise ignore) it finishes the task it runs, hands its result
+to the master and exits the way `--max-tasks-per-child` makes it exit
+(EX_RECYCLE); the master forks its replacement. `ebb run` sends that signal
+by itself when it recognises `python3 -m ebb.celery` as the master.
+SIGTERM keeps billiard's meaning (revoke with terminate, cold shutdown).
+
 For Celery's own prefork pool (teams not running `ebb run --preload`),
 `ebb.celery.freeze_before_fork()` keeps the app's memory shared between the
 pool's processes: call it at the top of the app module (see its docstring).
@@ -36,11 +48,15 @@ pool's processes: call it at the top of the app module (see its docstring).
 import gc
 import os
 import signal
+import sys
 
 from celery import bootsteps, signals
 from celery.worker import state
 
-__all__ = ["freeze_before_fork", "install", "StopBetweenTasks"]
+__all__ = ["RECYCLE_SIGNAL", "freeze_before_fork", "install", "StopBetweenTasks"]
+
+# What `ebb run --children` sends a prefork pool process it recycles.
+RECYCLE_SIGNAL = signal.SIGINT
 
 
 def _request_stop(signum, frame):
@@ -86,11 +102,63 @@ class StopBetweenTasks(bootsteps.StartStopStep):
 
 
 def install(app):
-    """Adds the step to a Celery app (idempotent); returns the app."""
+    """Adds the step to a Celery app, and, under ebb, the graceful stop to
+    its prefork pool processes (idempotent); returns the app."""
     steps = app.steps["consumer"]
     if StopBetweenTasks not in steps:
         steps.add(StopBetweenTasks)
+    if os.environ.get("EBB_WORKER_ID"):
+        recycle_pool_processes_between_tasks()
     return app
+
+
+def recycle_pool_processes_between_tasks():
+    """Makes RECYCLE_SIGNAL stop a billiard pool process between two tasks.
+
+    Patches billiard's pool process class in the master, before it forks:
+    each pool process, once billiard has set up its own signal handlers,
+    installs a handler that only records the request, and wraps the
+    function its loop calls to wait for the next job. That function is
+    where billiard's own loop stands between two tasks (the result of the
+    previous one is sent; no new one is taken), so exiting there is exactly
+    what --max-tasks-per-child does. An idle process leaves within a second
+    (billiard polls for jobs once a second); a job the master wrote to it
+    and it never read is given to another process by the master
+    (celery/concurrency/asynpool.py, on_partial_read), as for any recycle.
+    Idempotent."""
+    from billiard import pool
+
+    if getattr(pool.Worker, "_ebb_recycle", False):
+        return
+    after_fork = pool.Worker.after_fork
+
+    def after_fork_then_arm(self):
+        after_fork(self)  # billiard's: resets the signals, ignores SIGINT
+        _arm(self)
+
+    pool.Worker.after_fork = after_fork_then_arm
+    pool.Worker._ebb_recycle = True
+
+
+def _arm(worker):
+    from billiard.pool import EX_RECYCLE
+
+    asked = []
+
+    def on_signal(signum, frame):
+        if not asked:
+            os.write(2, f"ebb.celery: pool process {os.getpid()} recycles after its current task\n".encode())
+        asked.append(signum)
+
+    signal.signal(RECYCLE_SIGNAL, on_signal)
+    wait_for_job = worker.wait_for_job
+
+    def wait_for_job_unless_asked():
+        if asked:
+            sys.exit(EX_RECYCLE)  # billiard's sys.exit: its loop's finally blocks run, the master is told
+        return wait_for_job()
+
+    worker.wait_for_job = wait_for_job_unless_asked
 
 
 @signals.celeryd_init.connect

@@ -24,6 +24,7 @@ struct RunArgs {
   std::string soft, hard, total;
   std::string metric = "pss";
   std::string stop_signal = "TERM";
+  bool stop_signal_named = false;  // given on the command line
   std::string grace = "30s";
   std::string max_age;
   double jitter_pct = 10;
@@ -145,6 +146,17 @@ int run_run(const RunArgs& a) {
              : a.metric == "uss" ? supervisor::Metric::kUss
                                  : supervisor::Metric::kPss;
   o.stop_signal = parse_signal(a.stop_signal);
+  o.stop_signal_named = a.stop_signal_named;
+  if (a.children) {
+    // The master's children are recycled only with a signal they finish
+    // their work on: the master's own (master.h), or the one the user names.
+    o.master = supervisor::recognize_master(a.command);
+    if (!a.stop_signal_named) {
+      o.stop_signal = o.master.child_stop_signal;
+      o.recycle_children = o.stop_signal != 0;
+      if (!o.recycle_children) o.stop_signal = SIGTERM;  // what orphaned children get at shutdown
+    }
+  }
   o.grace_s = seconds_of(a.grace);
   o.interval_s = seconds_of(a.interval);
   o.min_uptime_s = seconds_of(a.min_uptime);
@@ -197,7 +209,11 @@ void register_run(CLI::App& app, int& rc) {
       ->check(size_check(true));
   sub->add_option("--metric", a->metric, "What the limits measure: rss, pss or uss (default: pss; see docs/run.md)")
       ->check(CLI::IsMember({"rss", "pss", "uss"}));
-  sub->add_option("--stop-signal", a->stop_signal, "Signal that asks a worker to finish and exit (default: TERM)")
+  sub->add_option("--stop-signal", a->stop_signal,
+                  "Signal that asks a worker to finish and exit (default: TERM; with --children, the one the "
+                  "master's children finish their work on: TERM for gunicorn, INT for python3 -m ebb.celery, "
+                  "none known for others, whose children are then never recycled)")
+      ->each([a](const std::string&) { a->stop_signal_named = true; })
       ->check(CLI::Validator(
           [](std::string& s) -> std::string { return parse_signal(s) < 0 ? "unknown signal '" + s + "'" : ""; },
           "SIGNAL"));

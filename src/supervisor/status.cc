@@ -85,6 +85,7 @@ nlohmann::json status_json(const FleetStatus& s) {
                       {"trims", s.trims},
                       {"released_bytes", s.released_bytes},
                       {"recycles", s.recycles},
+                      {"recycles_refused", s.recycles_refused},
                       {"restarts", s.restarts},
                       {"kills", s.kills},
                       {"oom_kills", s.oom_kills},
@@ -129,6 +130,9 @@ std::string prometheus_text(const FleetStatus& s) {
     sample(out, "ebb_recycles_total", "reason=\"" + std::string(r) + "\"",
            it == s.recycles.end() ? 0 : static_cast<double>(it->second));
   }
+  single(out, "ebb_recycles_refused_total", "counter",
+         "Recycles not done: --children of a master whose children have no known graceful stop signal.",
+         s.recycles_refused);
   single(out, "ebb_restarts_total", "counter", "Workers restarted after exiting on their own.", s.restarts);
   single(out, "ebb_kills_total", "counter", "Workers killed with SIGKILL after their grace.", s.kills);
   single(out, "ebb_cgroup_oom_kills_total", "counter", "OOM kills in ebb's cgroup since ebb started.", s.oom_kills);

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "master.h"
 #include "policy.h"
 #include "zygote.h"
 
@@ -31,7 +32,15 @@ struct Options {
   Policy policy;
   bool total_from_cgroup = false;  // policy.total_limit came from the cgroup (for the log)
   Metric metric = Metric::kPss;
-  int stop_signal = SIGTERM;
+  int stop_signal = SIGTERM;  // what a recycled worker gets (with `children`: a child of the master)
+  // With `children`: what COMMAND is (master.h). Its children are recycled
+  // only with a stop signal they finish their work on; without one
+  // (recycle_children false) ebb trims them but never stops them. The
+  // master itself always gets SIGTERM: a warm shutdown for gunicorn and
+  // Celery.
+  Master master;
+  bool recycle_children = true;
+  bool stop_signal_named = false;  // --stop-signal was given (for the log)
   double grace_s = 30;
   double interval_s = 1;
   double min_uptime_s = 5;  // a worker that exits sooner counts toward a crash loop

@@ -1,0 +1,90 @@
+#include "master.h"
+
+#include <signal.h>
+
+#include <string_view>
+
+namespace ebb::supervisor {
+
+namespace {
+
+std::string_view basename(std::string_view path) {
+  size_t slash = path.rfind('/');
+  return slash == std::string_view::npos ? path : path.substr(slash + 1);
+}
+
+bool is_python(std::string_view exe) { return exe.rfind("python", 0) == 0; }
+
+// What the command runs: the program's name, the module after `python -m`,
+// or the script a Python interpreter is given.
+std::string program(const std::vector<std::string>& command) {
+  size_t i = 0;
+  if (i < command.size() && basename(command[i]) == "env") {
+    for (i++; i < command.size() && (command[i].find('=') != std::string::npos || command[i][0] == '-'); i++) {
+    }
+  }
+  if (i >= command.size()) return "";
+  std::string_view exe = basename(command[i]);
+  if (!is_python(exe)) return std::string(exe);
+  for (i++; i < command.size(); i++) {
+    const std::string& a = command[i];
+    if (a == "-m" && i + 1 < command.size()) return command[i + 1];
+    if (a.rfind("-m", 0) == 0 && a.size() > 2) return a.substr(2);
+    if (a == "-c") return "";  // code on the command line: nothing to recognise
+    if (a.empty() || a[0] != '-') return std::string(basename(a));
+  }
+  return "";
+}
+
+// The value of a command-line option: `--name VALUE`, `--name=VALUE` or
+// `-s VALUE` (short may be empty); the last one given wins.
+std::string option(const std::vector<std::string>& command, const std::string& name, const std::string& short_name) {
+  std::string value;
+  for (size_t i = 0; i < command.size(); i++) {
+    const std::string& a = command[i];
+    if ((a == name || (!short_name.empty() && a == short_name)) && i + 1 < command.size())
+      value = command[i + 1];
+    else if (a.rfind(name + "=", 0) == 0)
+      value = a.substr(name.size() + 1);
+  }
+  return value;
+}
+
+}  // namespace
+
+Master recognize_master(const std::vector<std::string>& command) {
+  std::string prog = program(command);
+  Master m;
+  if (prog == "gunicorn") {
+    m.kind = MasterKind::kGunicorn;
+    m.name = "gunicorn";
+    m.child_stop_signal = SIGTERM;
+    m.note = "its workers finish their requests on SIGTERM (within --graceful-timeout)";
+    // gunicorn runs gthread workers for --worker-class gthread, and for the
+    // default class when --threads is above 1.
+    std::string cls = option(command, "--worker-class", "-k");
+    std::string threads = option(command, "--threads", "");
+    bool threaded = cls == "gthread" || ((cls.empty() || cls == "sync") && !threads.empty() && threads != "1");
+    if (threaded)
+      m.warning =
+          "plain gthread workers reset keep-alive connections when they stop; use --worker-class "
+          "ebb.gthread.ThreadWorker (python/ebb/gthread.py)";
+  } else if (prog == "ebb.celery") {
+    m.kind = MasterKind::kEbbCelery;
+    m.name = "celery (python3 -m ebb.celery)";
+    m.child_stop_signal = SIGINT;
+    m.note = "ebb.celery makes a pool process finish its task on SIGINT";
+  } else if (prog == "celery") {
+    m.kind = MasterKind::kCelery;
+    m.name = "celery";
+    m.note =
+        "billiard's pool processes exit mid-task on SIGTERM and the task is lost; start the worker as "
+        "`python3 -m ebb.celery ...` (or call ebb.celery.install(app) and pass --stop-signal INT)";
+  } else {
+    m.name = prog.empty() ? "unknown" : prog;
+    m.note = "ebb does not know which signal its children finish their work on; name it with --stop-signal";
+  }
+  return m;
+}
+
+}  // namespace ebb::supervisor

@@ -1,0 +1,38 @@
+"""A Celery app for prefork tests under `ebb run --children`.
+
+The broker is Redis at $EBB_TEST_REDIS (started by the test). Every task
+counts its start and its completion per task id in two Redis hashes,
+"started" and "done", so a test sees a task that was lost (no completion)
+or ran twice (two starts or two completions). Each call keeps about
+$EBB_TEST_KEEP bytes (default 1.5 MB, touched) in its pool process, so the
+pool's children grow until ebb recycles them. $EBB_TEST_ACKS_LATE=1 turns
+on task_acks_late (with task_reject_on_worker_lost).
+"""
+import os
+import time
+
+import redis
+from celery import Celery
+
+URL = os.environ["EBB_TEST_REDIS"]
+ACKS_LATE = os.environ.get("EBB_TEST_ACKS_LATE") == "1"
+KEEP = int(os.environ.get("EBB_TEST_KEEP", 1_500_000))
+
+app = Celery("celery_prefork_app", broker=URL)
+app.conf.update(
+    task_acks_late=ACKS_LATE,
+    task_reject_on_worker_lost=ACKS_LATE,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+kept = []  # the leak of the pool process: what each task keeps
+results = redis.Redis.from_url(URL)
+
+
+@app.task(name="work")
+def work(task_id, payload, seconds=0.02):
+    results.hincrby("started", task_id, 1)
+    kept.append(bytearray(KEEP) + payload.encode())  # zero-filled: touched page by page
+    time.sleep(seconds)
+    results.hincrby("done", task_id, 1)
+    return len(payload)

@@ -1,0 +1,158 @@
+"""`ebb run --children`: the workers are the children of a master ebb did not fork.
+
+ebb recycles one child at a time with a signal the child finishes its work
+on (src/supervisor/master.h); the master forks the replacement. Each test
+drives a real master: Celery prefork with a private redis-server (every
+task counted, started and done, per task id), gunicorn sync and gthread
+under wrk (every response counted). Loads are bounded in count and time.
+"""
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from test_run import APPS, FAST, PY, PYTHON_DIR, fleet, redis_url  # noqa: F401 (fixtures)
+
+WRK = "/usr/bin/wrk"
+
+
+def celery_prefork(fleet, redis_url, acks_late, options, entry="ebb.celery", tasks=400):  # noqa: F811
+    """Queues `tasks` tasks that keep 1.5 MB each in their pool process (50 ms each), then
+    runs a 4-process prefork worker under `ebb run --children` until every
+    task is done (bounded) and stops it; returns (fleet, started, done) with
+    per-id counts read from Redis."""
+    import redis
+    r = redis.Redis.from_url(redis_url)
+    env = {"EBB_TEST_REDIS": redis_url, "EBB_TEST_ACKS_LATE": "1" if acks_late else "0", "PYTHONPATH": PYTHON_DIR}
+    # The app reads its broker and acks_late at import: queue through a fresh import.
+    queue = subprocess.run([PY, "-c", f"""
+import sys; sys.path.insert(0, {APPS!r})
+from celery_prefork_app import work
+for i in range({tasks}):
+    work.delay(i, "k" * 200_000, 0.05)
+"""], env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert queue.returncode == 0, queue.stderr
+    f = fleet(["--children", "--metric", "rss", "--grace", "30s", *FAST, *options], [], env=env,
+              command=[PY, "-m", entry, "-A", "celery_prefork_app", "--workdir", APPS, "worker", "--pool", "prefork",
+                       "--concurrency", "4", "-l", "warning"])
+    deadline = time.monotonic() + 180
+    while r.hlen("done") < tasks and time.monotonic() < deadline and f.proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)  # a task counted twice would show by now
+    assert f.stop(timeout=60) == 0, "".join(f.raw[-30:])
+    started = {int(k): int(v) for k, v in r.hgetall("started").items()}
+    done = {int(k): int(v) for k, v in r.hgetall("done").items()}
+    return f, started, done
+
+
+@pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "acks_late"])
+def test_celery_prefork_children_recycled_with_every_task_exactly_once(fleet, redis_url, acks_late):  # noqa: F811
+    """Seed 000's setup: ebb recycles pool processes at their hard limit, each
+    finishes its task first (ebb.celery's SIGINT), and no task is lost or run twice."""
+    tasks = 400
+    f, started, done = celery_prefork(fleet, redis_url, acks_late, ["--hard-limit", "90M"], tasks=tasks)
+    log = "".join(f.raw)
+    recycles = f.of("recycle", reason="hard limit")
+    lost = [i for i in range(tasks) if done.get(i, 0) == 0]
+    twice = [i for i in range(tasks) if started.get(i, 0) != 1 or done.get(i, 0) > 1]
+    print(f"acks_late={acks_late}: {len(done)}/{tasks} done, {len(lost)} lost, {len(twice)} repeated, "
+          f"{len(recycles)} recycles")
+    assert len(recycles) >= 5, log[-3000:]
+    assert all(r["message"].count("SIGINT") == 1 for r in recycles)
+    assert not lost and not twice, (lost, twice)
+    assert "WorkerLostError" not in log and "exited with 'signal" not in log, log[-3000:]
+    assert not f.of("kill"), "every recycled pool process finished within the grace"
+    cfg = f.of("config")[0]
+    assert cfg["master"] == "celery (python3 -m ebb.celery)" and cfg["stop_signal"] == "SIGINT"
+
+
+def test_plain_celery_children_are_trimmed_never_recycled(fleet, redis_url):  # noqa: F811
+    """Plain `celery`: SIGTERM would lose the task, so ebb refuses to recycle
+    its pool processes, says so at start and once per child, and loses nothing."""
+    tasks = 120
+    f, started, done = celery_prefork(fleet, redis_url, False, ["--hard-limit", "70M"], entry="celery", tasks=tasks)
+    cfg = f.of("config")[0]
+    assert cfg["recycle_children"] is False
+    assert "never recycled" in cfg["message"] and "python3 -m ebb.celery" in cfg["message"]
+    assert not f.of("recycle")
+    refused = f.of("refuse")
+    assert refused and len({r["pid"] for r in refused}) == len(refused), "one line per child"
+    assert sorted(done) == list(range(tasks)) and set(done.values()) == {1}
+
+
+def test_unknown_master_needs_a_named_stop_signal(fleet, tmp_path):  # noqa: F811
+    """A master ebb does not know: no recycling by default; with --stop-signal, that signal."""
+    master = tmp_path / "master.py"
+    master.write_text("""
+import os, signal, sys, time
+kept = []
+def child():
+    signal.signal(signal.SIGUSR2, lambda *a: sys.exit(0))  # its graceful stop
+    while True:
+        kept.append(bytearray(4 << 20)); time.sleep(0.05)
+children = set()
+signal.signal(signal.SIGTERM, lambda *a: [os.kill(p, signal.SIGKILL) for p in children] and sys.exit(0))
+while True:
+    while len(children) < 2:
+        pid = os.fork()
+        if pid == 0:
+            child()
+        children.add(pid)
+    pid, _ = os.wait()
+    children.discard(pid)
+""")
+    f = fleet(["--children", "--hard-limit", "60M", "--metric", "rss", *FAST], [], command=[PY, str(master)])
+    f.wait_for("refuse", count=2)
+    assert "name it with --stop-signal" in f.of("config")[0]["message"]
+    assert not f.of("recycle")
+    assert f.stop() == 0
+    f = fleet(["--children", "--hard-limit", "60M", "--metric", "rss", "--stop-signal", "USR2", *FAST], [],
+              command=[PY, str(master)])
+    f.wait_for("recycle", count=3)
+    assert not f.of("refuse") and not f.of("kill")
+    assert all("SIGUSR2" in r["message"] for r in f.of("recycle"))
+    assert f.stop() == 0
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "ebb.gthread.ThreadWorker"])
+def test_gunicorn_children_recycled_without_failed_requests(fleet, worker_class):  # noqa: F811
+    """gunicorn's workers finish their requests on SIGTERM: under wrk (4
+    connections, 10 s, keep-alive), leaking workers are recycled at least 5
+    times with no socket error and no non-2xx response. Threaded workers
+    are ebb.gthread's, which also answer what comes on their keep-alive
+    connections while they stop (plain gthread resets them: python/ebb/gthread.py)."""
+    if not os.path.exists(WRK):
+        pytest.skip("wrk not installed (scripts/install-deps installs it)")
+    threads = ["--threads", "4"] if "gthread" in worker_class else []
+    f = fleet(["--children", "--hard-limit", "45M", "--metric", "rss", "--grace", "20s", *FAST], [],
+              env={"PYTHONPATH": PYTHON_DIR},
+              command=[PY, "-m", "gunicorn", "--workers", "2", "--worker-class", worker_class, *threads,
+                       "--bind", "127.0.0.1:0", "--chdir", APPS, "--graceful-timeout", "20", "leaky_app:app"])
+    deadline = time.monotonic() + 30
+    port = None
+    while port is None and time.monotonic() < deadline:
+        m = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", "".join(f.raw))
+        port = m and int(m.group(1))
+        time.sleep(0.1)
+    assert port, "".join(f.raw)
+    f.wait_for("adopt", count=2)
+    wrk = subprocess.run([WRK, "-t", "2", "-c", "4", "-d", "10s", "--timeout", "20s", f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True, timeout=60)
+    assert wrk.returncode == 0, wrk.stderr
+    out = wrk.stdout
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    assert total >= 200, out
+    assert "Socket errors" not in out, out  # connect, read, write or timeout errors
+    assert "Non-2xx or 3xx responses" not in out, out
+    recycled = f.of("recycle", reason="hard limit")
+    assert len(recycled) >= 5, "".join(f.raw)
+    for r in recycled:
+        assert r["mem"] > 40 << 20 and "SIGTERM" in r["message"]
+    # gunicorn replaced the recycled workers, and ebb found the new ones.
+    assert len(f.of("adopt")) >= 2 + len(recycled) - 2
+    assert not f.of("kill"), "recycled workers finish their requests within the grace"
+    assert f.of("config")[0]["master"] == "gunicorn"
+    assert f.stop() == 0
+    print(f"{worker_class}: wrk {total} requests, {len(recycled)} recycles")
