@@ -215,6 +215,25 @@ def _preload(opts, conn):
     return modules, warnings
 
 
+def _command_text(opts):
+    """The worker command as a user would type it: `python3 -m app.worker --queue high`."""
+    python = os.path.basename(sys.executable) or "python3"
+    mode, target, args = opts["mode"], opts["target"], opts["args"]
+    head = {"module": [python, "-m", target], "code": [python, "-c", target], "script": [python, target]}[mode]
+    return " ".join(head + list(args))
+
+
+def _name_process(title, comm):
+    """What `ps` and `top` show: the title (the command line, through Debian's
+    python3-setproctitle when it is installed) and comm (15 bytes, by prctl)."""
+    try:
+        import setproctitle
+        setproctitle.setproctitle(title)
+    except ImportError:  # comm alone
+        pass
+    _libc.prctl(15, ctypes.c_char_p(comm.encode()[:15]))  # PR_SET_NAME
+
+
 def _adopted_by(ebb_pid, deadline_s=5.0):
     """Waits until our parent (the short-lived middle process) is gone and
     ebb has adopted us."""
@@ -242,6 +261,8 @@ def _become_worker(opts, conn, request):
     # what the interpreter and the preloaded modules set, as in a plain run.
     for key, value in request.get("env", {}).items():
         os.environ[key] = value
+    worker_id = request.get("env", {}).get("EBB_WORKER_ID", "?")
+    _name_process(f"ebb worker {worker_id}: {_command_text(opts)}", f"ebb worker {worker_id}")
     # Python's random reseeds itself after fork; numpy's legacy global state does not.
     if "numpy.random" in sys.modules:
         try:
@@ -371,6 +392,7 @@ def main():
     conn = socket.socket(fileno=opts["fd"])
     os.set_inheritable(opts["fd"], False)
     _set_path_and_argv(opts)
+    _name_process(f"ebb fork server: {_command_text(opts)}", "ebb forkserver")
     t0 = time.monotonic()
     restore_gc = _record_gc_choice()
     modules, warnings = _preload(opts, conn)

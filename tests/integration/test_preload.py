@@ -121,6 +121,25 @@ def test_workers_share_the_preloaded_heap(zfleet, app_dir):
     assert f.stop() == 0
 
 
+def test_workers_and_fork_server_say_who_they_are(zfleet, app_dir):
+    """ps and top show each worker by number and command, and the fork server
+    as such, in both the command line (python3-setproctitle) and comm."""
+    f = zfleet(["-w", "2", "--preload", "heavy", *FAST], [PY, "report.py", "--flag"], env={"REPORT_WAIT": "1"},
+               cwd=str(app_dir))
+    by_id = {r["worker"]: r["pid"] for r in reports(f, 2)}
+    zygote = f.wait_for("ready")[0]["zygote"]
+
+    def names(pid):
+        comm = open(f"/proc/{pid}/comm").read().strip()
+        ps = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+        return comm, ps
+
+    for wid, pid in by_id.items():
+        assert names(pid) == (f"ebb worker {wid}", f"ebb worker {wid}: python3 report.py --flag")
+    assert names(zygote) == ("ebb forkserver", "ebb fork server: python3 report.py --flag")
+    assert f.stop() == 0
+
+
 def test_recycled_workers_are_forked_again(zfleet):
     """The whole policy applies: a worker over its hard limit is recycled
     gracefully and its replacement comes from the same fork server."""
