@@ -3,9 +3,10 @@
 A gthread worker (`--worker-class gthread`, or any `--threads` above 1)
 keeps idle keep-alive connections in its event loop. On a graceful stop
 (SIGTERM from its master or from `ebb run --children`, or --max-requests)
-gunicorn 20.1 leaves that loop and exits with those connections still
-open: a request a client sends on one of them just before is never read
-and the client sees the connection reset. Measured under wrk (4
+gunicorn 20.1 leaves that loop and exits without serving them, and closes
+a connection whose answer promised keep-alive just before the stop began:
+the client's next request on it is never read and it sees the connection
+reset. Measured under wrk (4
 connections, 10 s) with 2 leaking workers recycled by ebb at 45 MB: 68 read
 errors in 10,703 requests (tests/integration/test_children.py runs the
 same with this worker: none). gunicorn's own issue #3038 reports it for
