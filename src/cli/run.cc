@@ -21,7 +21,7 @@ namespace {
 struct RunArgs {
   unsigned workers = 1;
   std::string allocator = "ebb";
-  std::string soft, hard, total;
+  std::string soft, hard, total, master_hard;
   std::string metric = "pss";
   std::string stop_signal = "TERM";
   bool stop_signal_named = false;  // given on the command line
@@ -138,6 +138,11 @@ int run_run(const RunArgs& a) {
   o.children = a.children;
   o.policy.soft_limit = bytes_of(a.soft);
   o.policy.hard_limit = bytes_of(a.hard);
+  o.master_hard_limit = bytes_of(a.master_hard);
+  if (o.master_hard_limit && !a.children) {
+    error("run", "--master-hard-limit needs --children (without it, ebb is the master)");
+    return 2;
+  }
   o.policy.max_age_s = a.max_age.empty() ? 0 : seconds_of(a.max_age);
   o.policy.jitter = a.jitter_pct / 100.0;
   o.policy.max_recycling = a.max_recycling;
@@ -151,6 +156,10 @@ int run_run(const RunArgs& a) {
     // The master's children are recycled only with a signal they finish
     // their work on: the master's own (master.h), or the one the user names.
     o.master = supervisor::recognize_master(a.command);
+    if (o.master_hard_limit && !o.master.restart_refused.empty()) {
+      error("run", "--master-hard-limit with " + o.master.name + ": " + o.master.restart_refused);
+      return 2;
+    }
     if (!a.stop_signal_named) {
       o.stop_signal = o.master.child_stop_signal;
       o.recycle_children = o.stop_signal != 0;
@@ -202,6 +211,10 @@ void register_run(CLI::App& app, int& rc) {
   sub->add_option("--soft-limit", a->soft, "Per worker: above this, ask it to give free memory back")
       ->check(size_check(false));
   sub->add_option("--hard-limit", a->hard, "Per worker: above this after a trim, recycle it gracefully")
+      ->check(size_check(false));
+  sub->add_option("--master-hard-limit", a->master_hard,
+                  "With --children: above this after a trim, restart the master warmly (gunicorn: USR2, then TERM "
+                  "to the old one; Celery: warm shutdown, then a new one) (default: never)")
       ->check(size_check(false));
   sub->add_option("--total-limit", a->total,
                   "The whole fleet's budget; 'none' for no budget (default: from the cgroup: memory.high, else 90% "

@@ -46,11 +46,9 @@ FleetStatus Fleet::snapshot() const {
     ws.state = pid == master ? "master" : w.stopping ? "stopping" : "running";
     ws.mem = w.mem;
     ws.age_s = now_s() - w.started;
-    if (pid != master) {
-      ws.soft_limit = w.limits.soft;
-      ws.hard_limit = w.limits.hard;
-      ws.max_age_s = w.limits.max_age_s;
-    }
+    ws.soft_limit = w.limits.soft;
+    ws.hard_limit = w.limits.hard;  // for the master: --master-hard-limit
+    ws.max_age_s = w.limits.max_age_s;
     ws.can_trim = w.can_trim;
     ws.trims = w.trims;
     s.workers.push_back(ws);
@@ -107,10 +105,10 @@ void Fleet::begin_shutdown(const char* why) {
   }
   shutting_down_ = true;
   shutdown_at_ = now_s();
-  log_.event(
-      "shutdown",
-      std::string(why) + ": stopping " + std::to_string(workers_.size()) + " worker(s), grace " + seconds(o_.grace_s),
-      {{"workers", workers_.size()}, {"grace_s", o_.grace_s}});
+  std::string what = o_.children ? "the master and its " + std::to_string(workers_.size() - 1) + " worker(s)"
+                                 : std::to_string(workers_.size()) + " worker(s)";
+  log_.event("shutdown", std::string(why) + ": stopping " + what + ", grace " + seconds(o_.grace_s),
+             {{"workers", workers_.size()}, {"grace_s", o_.grace_s}});
   pid_t master = o_.children && !slots_.empty() ? slots_[0].pid : 0;
   for (auto& [pid, w] : workers_) {
     if (o_.children && pid != master) continue;  // the master stops its own children
@@ -129,8 +127,8 @@ void Fleet::enforce_grace() {
     counters_.kills++;
     if (shutting_down_) unhealthy_ = true;
     log_.event("kill",
-               fmt_worker(w.id, pid) + " still running " + seconds(o_.grace_s) + " after " +
-                   signame(stop_signal_of(w)) + ": SIGKILL",
+               label(w.id, pid) + " still running " + seconds(o_.grace_s) + " after " + signame(stop_signal_of(w)) +
+                   ": SIGKILL",
                {{"worker", w.id}, {"pid", pid}, {"reason", w.stop_reason}});
     kill(-pid, SIGKILL);  // its process group: helpers it started go too
     kill(pid, SIGKILL);
@@ -269,7 +267,9 @@ int Fleet::run() {
       text += ", fleet budget " + mib(o_.policy.total_limit) + (o_.total_from_cgroup ? " (from the cgroup)" : "");
     if (o_.policy.max_age_s > 0) text += ", max age " + seconds(o_.policy.max_age_s);
     if (o_.children) {
-      text += "; master: " + o_.master.name + "; ";
+      text += "; master: " + o_.master.name;
+      if (o_.master_hard_limit) text += ", master hard limit " + mib(o_.master_hard_limit);
+      text += "; ";
       if (!o_.recycle_children)
         text += "its children are trimmed but never recycled: " + o_.master.note;
       else if (o_.stop_signal_named)
@@ -277,6 +277,7 @@ int Fleet::run() {
       else
         text += "children recycled with " + signame(o_.stop_signal) + ": " + o_.master.note;
       if (!o_.master.warning.empty()) text += "; warning: " + o_.master.warning;
+      if (o_.master_hard_limit && !o_.master.handover_note.empty()) text += "; warning: " + o_.master.handover_note;
     }
     log_.event("config", text,
                {{"workers", n},
@@ -289,6 +290,7 @@ int Fleet::run() {
                 {"jitter", o_.policy.jitter},
                 {"stop_signal", signame(o_.stop_signal)},
                 {"master", o_.children ? o_.master.name : ""},
+                {"master_hard_limit", o_.master_hard_limit},
                 {"recycle_children", o_.children && o_.recycle_children}});
   }
   if (!o_.preload.empty()) {

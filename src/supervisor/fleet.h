@@ -4,6 +4,7 @@
 //   workers.cc      starting, stopping, recycling and reaping workers
 //   memory.cc       sampling memory, trimming, the policy's decisions, the cgroup
 //   children.cc     --children: the workers of a master ebb did not fork
+//   master_restart.cc  --children: the master's own warm restart
 //   fork_server.cc  --preload: the fork server's control
 #pragma once
 
@@ -85,6 +86,24 @@ class Fleet {
   void sample(const proc::ChildMap& children);
   void discover_children(const proc::ChildMap& children);
   void refuse_recycle(Worker& w, const std::string& reason);
+  bool is_master(pid_t pid) const { return o_.children && !slots_.empty() && slots_[0].pid == pid && pid > 0; }
+  void set_master_limits(Worker& w) const;
+  std::string label(int id, pid_t pid) const;  // "worker 3 [pid 1234]", or "master [pid 1233]"
+
+  // ---- the master's warm restart (master_restart.cc)
+  void restart_master(Worker& w, const std::string& reason);
+  void continue_handover(const proc::ChildMap& children);
+  bool handed_over(pid_t old_master, int status);
+  void stop_unknown_children(pid_t parent, const proc::ChildMap& children);
+  // gunicorn's USR2: the old master forks a new one, which takes over once
+  // its workers run; `from` is stopped then, and `to` becomes the slot's.
+  struct Handover {
+    pid_t from = 0;
+    pid_t to = 0;
+    double started = 0;
+    size_t workers = 0;  // the old master's, when it began: the new one is ready with as many
+  } handover_;
+  double master_restart_after_ = 0;  // a failed restart is not tried again before then
   void trim(Worker& w, const std::string& reason);
   void recycle(Worker& w, const std::string& reason);
   void watch_cgroup();

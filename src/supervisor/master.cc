@@ -36,6 +36,18 @@ std::string program(const std::vector<std::string>& command) {
   return "";
 }
 
+// Whether the command runs its program as `python -m MODULE`.
+bool run_as_module(const std::vector<std::string>& command) {
+  size_t i = 0;
+  while (i < command.size() && !is_python(basename(command[i]))) i++;
+  for (i++; i < command.size(); i++) {
+    const std::string& a = command[i];
+    if (a.rfind("-m", 0) == 0) return true;
+    if (a.empty() || a[0] != '-' || a == "-c") return false;
+  }
+  return false;
+}
+
 // The value of a command-line option: `--name VALUE`, `--name=VALUE` or
 // `-s VALUE` (short may be empty); the last one given wins.
 std::string option(const std::vector<std::string>& command, const std::string& name, const std::string& short_name) {
@@ -60,6 +72,16 @@ Master recognize_master(const std::vector<std::string>& command) {
     m.name = "gunicorn";
     m.child_stop_signal = SIGTERM;
     m.note = "its workers finish their requests on SIGTERM (within --graceful-timeout)";
+    // On SIGUSR2 gunicorn re-executes sys.argv. Started with -m, that is
+    // gunicorn/__main__.py run as a script: its directory comes first on
+    // sys.path and gunicorn/http hides the standard library's http, so the
+    // new master's workers fail to boot (measured with gunicorn 20.1).
+    m.handover = !run_as_module(command);
+    if (!m.handover)
+      m.handover_note =
+          "started as `python -m gunicorn`, whose re-exec on SIGUSR2 cannot boot workers (gunicorn/http hides "
+          "the standard library's http); a restart stops it, then starts it (connections are refused "
+          "meanwhile): start it as `gunicorn ...` for a handover without a gap";
     // gunicorn runs gthread workers for --worker-class gthread, and for the
     // default class when --threads is above 1.
     std::string cls = option(command, "--worker-class", "-k");
@@ -83,6 +105,16 @@ Master recognize_master(const std::vector<std::string>& command) {
   } else {
     m.name = prog.empty() ? "unknown" : prog;
     m.note = "ebb does not know which signal its children finish their work on; name it with --stop-signal";
+  }
+  if (m.kind == MasterKind::kCelery || m.kind == MasterKind::kEbbCelery) {
+    // Measured with Celery 5.2 / billiard 4.1: the prefork master writes a
+    // job to a pool process's pipe in pieces from its event loop; a warm
+    // shutdown can stop the loop mid-job, and the pool process then waits
+    // for the rest while the master waits for it (docs/run.md).
+    m.restart_refused =
+        "Celery's warm shutdown can hang with a job half written to a pool process (2 of 4 SIGTERMs to a "
+        "busy prefork worker with 200 KB arguments; Celery 5.2), and a master killed after the grace loses "
+        "its tasks; ebb trims the master at --soft-limit/--hard-limit, but does not restart it";
   }
   return m;
 }

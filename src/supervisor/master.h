@@ -23,6 +23,12 @@ struct Master {
   int child_stop_signal = 0;  // graceful for its children; 0: no such signal known
   std::string note;           // why that signal, or why none
   std::string warning;        // a known risk of this master's setup, for the log; empty: none
+  // --master-hard-limit: the master can hand over to a new one it forks
+  // (gunicorn's SIGUSR2) instead of stopping, then starting again.
+  bool handover = false;
+  std::string handover_note;  // why not, when it is a gunicorn that cannot
+  // Why --master-hard-limit is refused for this master; empty: offered.
+  std::string restart_refused;
 };
 
 // Recognises the master from its command line: `gunicorn ...`,

@@ -28,7 +28,7 @@ void Fleet::trim(Worker& w, const std::string& reason) {
       {"worker", w.id}, {"pid", w.pid}, {"reason", reason}, {"metric", metric_name(o_.metric)}, {"mem", w.mem}};
   if (ack.status != telemetry::Status::kOk) {
     f["error"] = ack.message;
-    log_.event("trim", fmt_worker(w.id, w.pid) + " trim (" + reason + ") failed: " + ack.message, f);
+    log_.event("trim", label(w.id, w.pid) + " trim (" + reason + ") failed: " + ack.message, f);
     return;
   }
   f["rss_before"] = ack.rss_before;
@@ -38,8 +38,8 @@ void Fleet::trim(Worker& w, const std::string& reason) {
   counters_.trims++;
   counters_.released_bytes += ack.released;
   log_.event("trim",
-             fmt_worker(w.id, w.pid) + " trim (" + reason + "): " + metric_name(o_.metric) + " " + mib(w.mem) +
-                 ", rss " + mib(ack.rss_before) + " -> " + mib(ack.rss_after) + ", released " + mib(ack.released),
+             label(w.id, w.pid) + " trim (" + reason + "): " + metric_name(o_.metric) + " " + mib(w.mem) + ", rss " +
+                 mib(ack.rss_before) + " -> " + mib(ack.rss_after) + ", released " + mib(ack.released),
              f);
 }
 
@@ -96,6 +96,7 @@ void Fleet::watch_cgroup() {
 void Fleet::tick() {
   auto children = proc::children_by_parent();
   if (o_.children) discover_children(children);
+  if (o_.children) continue_handover(children);
   sample(children);
   watch_cgroup();
   if (shutting_down_) return;
@@ -106,14 +107,14 @@ void Fleet::tick() {
   pid_t master = o_.children && !slots_.empty() ? slots_[0].pid : 0;
   double now = now_s();
   for (auto& [pid, w] : workers_) {
-    if (pid == master) continue;
     WorkerView v;
+    v.master = pid == master;
     v.id = static_cast<int>(pid);  // decisions name workers by pid
     v.mem = w.mem;
     v.age_s = now - w.started;
     v.since_trim_s = now - w.last_trim;
     v.can_trim = w.can_trim;
-    v.stopping = w.stopping;
+    v.stopping = w.stopping || (v.master && (handover_.from == pid || now < master_restart_after_));
     v.limits = w.limits;
     view.workers.push_back(v);
   }
@@ -123,7 +124,7 @@ void Fleet::tick() {
     if (d.action == Action::kTrim) {
       if (d.reason == "fleet budget") last_fleet_trim_ = now;
       trim(it->second, d.reason);
-    } else if (o_.children && !o_.recycle_children) {
+    } else if (o_.children && !o_.recycle_children && !is_master(it->second.pid)) {
       refuse_recycle(it->second, d.reason);
     } else {
       recycle(it->second, d.reason);

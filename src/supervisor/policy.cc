@@ -25,6 +25,7 @@ std::vector<Decision> decide(const Policy& p, const FleetView& fleet) {
   std::vector<Decision> trims;
   struct Candidate {
     int rank;  // 0 hard limit, 1 fleet budget, 2 age
+    bool master;
     uint64_t mem;
     double age_s;
     Decision d;
@@ -33,7 +34,7 @@ std::vector<Decision> decide(const Policy& p, const FleetView& fleet) {
   unsigned stopping = 0;
   for (const WorkerView& w : fleet.workers) {
     if (w.stopping) {
-      stopping++;
+      if (!w.master) stopping++;  // the master's restart takes no worker's place
       continue;
     }
     const bool may_trim = w.can_trim && w.since_trim_s >= p.trim_cooldown_s;
@@ -43,12 +44,12 @@ std::vector<Decision> decide(const Policy& p, const FleetView& fleet) {
       if (may_trim)
         trims.push_back({w.id, Action::kTrim, "hard limit"});
       else
-        recycle.push_back({0, w.mem, w.age_s, {w.id, Action::kRecycle, "hard limit"}});
+        recycle.push_back({0, w.master, w.mem, w.age_s, {w.id, Action::kRecycle, "hard limit"}});
     } else if (w.limits.soft != 0 && w.mem > w.limits.soft && may_trim) {
       trims.push_back({w.id, Action::kTrim, "soft limit"});
     }
-    if (w.limits.max_age_s > 0 && w.age_s > w.limits.max_age_s)
-      recycle.push_back({2, w.mem, w.age_s, {w.id, Action::kRecycle, "max age"}});
+    if (!w.master && w.limits.max_age_s > 0 && w.age_s > w.limits.max_age_s)
+      recycle.push_back({2, false, w.mem, w.age_s, {w.id, Action::kRecycle, "max age"}});
   }
 
   if (p.total_limit != 0 && fleet.total > p.total_limit) {
@@ -66,9 +67,9 @@ std::vector<Decision> decide(const Policy& p, const FleetView& fleet) {
     if (!trimmed_any) {
       const WorkerView* largest = nullptr;
       for (const WorkerView& w : fleet.workers)
-        if (!w.stopping && (largest == nullptr || w.mem > largest->mem)) largest = &w;
+        if (!w.stopping && !w.master && (largest == nullptr || w.mem > largest->mem)) largest = &w;
       if (largest != nullptr)
-        recycle.push_back({1, largest->mem, largest->age_s, {largest->id, Action::kRecycle, "fleet budget"}});
+        recycle.push_back({1, false, largest->mem, largest->age_s, {largest->id, Action::kRecycle, "fleet budget"}});
     }
   }
 
@@ -82,7 +83,11 @@ std::vector<Decision> decide(const Policy& p, const FleetView& fleet) {
   unsigned room = p.max_recycling > stopping ? p.max_recycling - stopping : 0;
   std::vector<int> taken;
   for (const Candidate& c : recycle) {
-    if (room == 0) break;
+    if (c.master) {  // restarted whatever its workers do (max_recycling counts workers)
+      out.push_back(c.d);
+      continue;
+    }
+    if (room == 0) continue;
     if (std::find(taken.begin(), taken.end(), c.d.id) != taken.end()) continue;
     taken.push_back(c.d.id);
     out.push_back(c.d);

@@ -37,6 +37,10 @@ struct WorkerView {
   double since_trim_s = 1e18;  // since the last trim ebb asked for
   bool can_trim = false;       // runs libebb with a telemetry page
   bool stopping = false;       // already being recycled
+  // The master of --children: trimmed like a worker, and recycled (a warm
+  // restart) only above its own hard limit, never for the fleet budget or
+  // its age.
+  bool master = false;
   Limits limits;
 };
 

@@ -86,6 +86,7 @@ nlohmann::json status_json(const FleetStatus& s) {
                       {"released_bytes", s.released_bytes},
                       {"recycles", s.recycles},
                       {"recycles_refused", s.recycles_refused},
+                      {"master_restarts", s.master_restarts},
                       {"restarts", s.restarts},
                       {"kills", s.kills},
                       {"oom_kills", s.oom_kills},
@@ -130,6 +131,8 @@ std::string prometheus_text(const FleetStatus& s) {
     sample(out, "ebb_recycles_total", "reason=\"" + std::string(r) + "\"",
            it == s.recycles.end() ? 0 : static_cast<double>(it->second));
   }
+  single(out, "ebb_master_restarts_total", "counter",
+         "Warm restarts of the --children master above --master-hard-limit.", s.master_restarts);
   single(out, "ebb_recycles_refused_total", "counter",
          "Recycles not done: --children of a master whose children have no known graceful stop signal.",
          s.recycles_refused);

@@ -37,6 +37,7 @@ struct FleetStatus {
   uint64_t trims = 0;
   uint64_t released_bytes = 0;
   std::map<std::string, uint64_t> recycles;  // by reason
+  uint64_t master_restarts = 0;              // --children: warm restarts of the master (--master-hard-limit)
   uint64_t recycles_refused = 0;             // --children without a graceful stop signal (master.h)
   uint64_t restarts = 0;                     // unexpected exits followed by a restart
   uint64_t kills = 0;                        // SIGKILLs after a grace

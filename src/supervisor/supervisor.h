@@ -41,6 +41,10 @@ struct Options {
   Master master;
   bool recycle_children = true;
   bool stop_signal_named = false;  // --stop-signal was given (for the log)
+  // With `children`: the master is trimmed at the soft limit like a worker;
+  // above this (after a trim) it is restarted warmly (master_restart.cc).
+  // 0: never restarted for its memory.
+  uint64_t master_hard_limit = 0;
   double grace_s = 30;
   double interval_s = 1;
   double min_uptime_s = 5;  // a worker that exits sooner counts toward a crash loop

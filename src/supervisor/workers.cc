@@ -5,12 +5,12 @@
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include "exec.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
+#include "exec.h"
 #include "fleet.h"
 
 namespace ebb::supervisor {
@@ -22,6 +22,17 @@ Limits Fleet::draw() {
 }
 
 // A new worker, with its limits drawn now.
+// The master of --children keeps the soft limit it drew, and has its own
+// hard limit and no age limit (policy.h).
+void Fleet::set_master_limits(Worker& w) const {
+  w.limits.hard = o_.master_hard_limit;
+  w.limits.max_age_s = 0;
+}
+
+std::string Fleet::label(int id, pid_t pid) const {
+  return is_master(pid) ? "master [pid " + std::to_string(pid) + "]" : fmt_worker(id, pid);
+}
+
 Worker& Fleet::add_worker(int id, pid_t pid) {
   Worker& w = workers_[pid];
   w = Worker{};
@@ -45,7 +56,8 @@ pid_t Fleet::spawn(int id) {
   }
   if (pid == 0) proc::exec_supervised(argv, envp, o_.stop_signal, ppid);  // if ebb dies: stop gracefully
   setpgid(pid, pid);  // also here, so the group exists before we signal it
-  add_worker(id, pid);
+  Worker& w = add_worker(id, pid);
+  if (o_.children) set_master_limits(w);
   return pid;
 }
 
@@ -109,10 +121,7 @@ void Fleet::log_start(const Slot& s, const std::string& why) {
 
 // A master is stopped with SIGTERM (its warm shutdown); its children and
 // every other worker with the stop signal.
-int Fleet::stop_signal_of(const Worker& w) const {
-  bool master = o_.children && !slots_.empty() && slots_[0].pid == w.pid;
-  return master ? SIGTERM : o_.stop_signal;
-}
+int Fleet::stop_signal_of(const Worker& w) const { return is_master(w.pid) ? SIGTERM : o_.stop_signal; }
 
 void Fleet::stop(Worker& w, const std::string& reason) {
   if (w.stopping) return;
@@ -123,9 +132,12 @@ void Fleet::stop(Worker& w, const std::string& reason) {
 }
 
 void Fleet::recycle(Worker& w, const std::string& reason) {
+  if (is_master(w.pid)) {
+    restart_master(w, reason);
+    return;
+  }
   counters_.recycles[reason]++;
-  std::string text =
-      fmt_worker(w.id, w.pid) + " recycle (" + reason + "): " + metric_name(o_.metric) + " " + mib(w.mem);
+  std::string text = label(w.id, w.pid) + " recycle (" + reason + "): " + metric_name(o_.metric) + " " + mib(w.mem);
   nlohmann::json f = {{"worker", w.id},   {"pid", w.pid},
                       {"reason", reason}, {"metric", metric_name(o_.metric)},
                       {"mem", w.mem},     {"age_s", now_s() - w.started}};
@@ -168,10 +180,13 @@ void Fleet::on_exit(pid_t pid, int status) {
     }
     return;
   }
+  if (pid == handover_.from && handed_over(pid, status)) return;
+  if (pid == handover_.to) handover_.to = 0;  // the new master died before it took over
   Worker w = it->second;
   workers_.erase(it);
   double now = now_s();
   double uptime = now - w.started;
+  const std::string who = label(w.id, pid);  // before the slot forgets it
   std::string how = WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
                                       : "killed by " + signame(WTERMSIG(status));
   nlohmann::json f = {{"worker", w.id}, {"pid", pid}, {"uptime_s", uptime}};
@@ -183,9 +198,7 @@ void Fleet::on_exit(pid_t pid, int status) {
   if (w.stopping) {
     f["reason"] = w.stop_reason;
     if (w.killed) f["killed"] = true;
-    log_.event("exit",
-               fmt_worker(w.id, pid) + " " + how + " after " + seconds(uptime) + " (stopped: " + w.stop_reason + ")",
-               f);
+    log_.event("exit", who + " " + how + " after " + seconds(uptime) + " (stopped: " + w.stop_reason + ")", f);
     if (slot != slots_.end()) {
       slot->pid = 0;
       if (!shutting_down_ && !slot->retired) start_slot(*slot, "replaces a recycled worker");
@@ -193,12 +206,12 @@ void Fleet::on_exit(pid_t pid, int status) {
     return;
   }
   if (slot == slots_.end()) {
-    log_.event("exit", fmt_worker(w.id, pid) + " " + how + " after " + seconds(uptime), f);
+    log_.event("exit", who + " " + how + " after " + seconds(uptime), f);
     return;
   }
   slot->pid = 0;
   if (shutting_down_) {
-    log_.event("exit", fmt_worker(w.id, pid) + " " + how + " after " + seconds(uptime), f);
+    log_.event("exit", who + " " + how + " after " + seconds(uptime), f);
     return;
   }
   // An exit ebb did not ask for. Quick ones in a row are a crash loop: back
@@ -209,7 +222,7 @@ void Fleet::on_exit(pid_t pid, int status) {
   counters_.restarts++;
   f["restart_in_s"] = delay;
   f["quick_exits"] = slot->quick_exits;
-  std::string text = fmt_worker(w.id, pid) + " " + how + " after " + seconds(uptime) + " (unexpected); ";
+  std::string text = who + " " + how + " after " + seconds(uptime) + " (unexpected); ";
   if (delay > 0)
     text += "crash loop: " + std::to_string(slot->quick_exits) + " exits within " + seconds(o_.min_uptime_s) +
             " of start in a row, restarting in " + seconds(delay);

@@ -6,10 +6,12 @@ drives a real master: Celery prefork with a private redis-server (every
 task counted, started and done, per task id), gunicorn sync and gthread
 under wrk (every response counted). Loads are bounded in count and time.
 """
+import json
 import os
 import re
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
@@ -156,3 +158,67 @@ def test_gunicorn_children_recycled_without_failed_requests(fleet, worker_class)
     assert f.of("config")[0]["master"] == "gunicorn"
     assert f.stop() == 0
     print(f"{worker_class}: wrk {total} requests, {len(recycled)} recycles")
+
+
+def test_gunicorn_master_handed_over_above_its_hard_limit(fleet, ebb_bin, tmp_path):  # noqa: F811
+    """A gunicorn master that keeps 8 MB each time it forks a worker (its
+    workers leak and are recycled at 45 MB): above --master-hard-limit, ebb
+    sends it SIGUSR2, waits for the new master's workers, stops the old one
+    and follows the new one. Under wrk: no socket error, no non-2xx."""
+    if not os.path.exists(WRK):
+        pytest.skip("wrk not installed (scripts/install-deps installs it)")
+    sock = tmp_path / "fleet.sock"
+    f = fleet(["--children", "--hard-limit", "45M", "--master-hard-limit", "80M", "--metric", "rss", "--grace", "20s",
+               "--status-socket", str(sock), "--metrics", "127.0.0.1:0", *FAST], [], env={"PYTHONPATH": PYTHON_DIR},
+              command=["/usr/bin/gunicorn", "--workers", "2", "--bind", "127.0.0.1:0", "--chdir", APPS,
+                       "-c", os.path.join(APPS, "gunicorn_leaky_master.py"), "--graceful-timeout", "20",
+                       "leaky_app:app"])
+    deadline = time.monotonic() + 30
+    port = None
+    while port is None and time.monotonic() < deadline:
+        m = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", "".join(f.raw))
+        port = m and int(m.group(1))
+        time.sleep(0.1)
+    assert port, "".join(f.raw)
+    wrk = subprocess.run([WRK, "-t", "2", "-c", "4", "-d", "12s", "--timeout", "20s", f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True, timeout=60)
+    assert wrk.returncode == 0, wrk.stderr
+    out = wrk.stdout
+    assert "Socket errors" not in out and "Non-2xx or 3xx responses" not in out, out
+    restarts = f.of("restart", reason="hard limit")
+    took_over = [e for e in f.of("exit") if "successor" in e]
+    assert len(restarts) >= 2 and len(took_over) >= 2, "".join(f.raw)[-4000:]
+    assert all("SIGUSR2" in r["message"] and r["mem"] > 80 << 20 for r in restarts)
+    # Above its limit the master is trimmed first, like a worker, and named as the master.
+    assert any(t["message"].startswith("master [pid") for t in f.of("trim", reason="hard limit")), f.of("trim")
+    # ebb follows the new master: ps --fleet and the metrics show it, and it is the one stopped at the end.
+    last = took_over[-1]["successor"]
+    status = json.loads(subprocess.run([ebb_bin, "ps", "--fleet", str(sock), "--json"], capture_output=True,
+                                       text=True, check=True, timeout=10).stdout)
+    masters = [w for w in status["workers"] if w["state"] == "master"]
+    assert len(masters) == 1 and masters[0]["mem"] > 0 and masters[0]["hard_limit"] == 80 << 20, status
+    assert status["master_restarts"] == len(restarts)
+    address = f.of("metrics")[0]["address"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert f"ebb_master_restarts_total {len(restarts)}" in text, text
+    table = subprocess.run([ebb_bin, "ps", "--fleet", str(sock)], capture_output=True, text=True, check=True,
+                           timeout=10).stdout
+    assert "master" in table, table
+    assert f.stop() == 0
+    assert f.of("exit", pid=last), "".join(f.raw)[-2000:]
+    assert not f.of("kill")
+    total = re.search(r"(\d+) requests in", out).group(1)
+    print(f"wrk: {total} requests, {len(restarts)} master handovers")
+
+
+def test_master_hard_limit_refused_for_celery_and_without_children(ebb_bin):
+    """--master-hard-limit: one clear line and status 2 before anything starts."""
+    for command, expect in [(["--children", "--", PY, "-m", "ebb.celery", "-A", "app", "worker"],
+                             "Celery's warm shutdown can hang"),
+                            (["--children", "--", PY, "-m", "celery", "-A", "app", "worker"], "Celery's warm shutdown can hang"),
+                            (["--", PY, "-c", "pass"], "needs --children")]:
+        p = subprocess.run([ebb_bin, "run", "--master-hard-limit", "100M", *command], capture_output=True, text=True,
+                           timeout=30)
+        assert p.returncode == 2 and expect in p.stderr, (command, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr

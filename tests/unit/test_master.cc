@@ -20,6 +20,26 @@ TEST(Master, GunicornInEveryFormStopsItsWorkersWithTerm) {
   }
 }
 
+TEST(Master, GunicornHandsOverToANewMasterUnlessStartedWithDashM) {
+  EXPECT_TRUE(recognize_master({"gunicorn", "app:app"}).handover);
+  EXPECT_TRUE(recognize_master({"python3", "-u", "/usr/bin/gunicorn", "app:app"}).handover);
+  EXPECT_TRUE(recognize_master({"env", "A=-m", "gunicorn", "app:app"}).handover);
+  for (const auto& cmd : std::vector<std::vector<std::string>>{{"python3", "-m", "gunicorn", "app:app"},
+                                                               {"python3", "-u", "-mgunicorn", "app:app"}}) {
+    Master m = recognize_master(cmd);
+    EXPECT_FALSE(m.handover);
+    EXPECT_NE(m.handover_note.find("`gunicorn ...`"), std::string::npos);
+  }
+  EXPECT_FALSE(recognize_master({"python3", "-m", "ebb.celery", "-A", "app", "worker"}).handover);
+}
+
+TEST(Master, CeleryMastersAreNeverRestartedForTheirMemory) {
+  EXPECT_NE(recognize_master({"python3", "-m", "ebb.celery", "-A", "app", "worker"}).restart_refused, "");
+  EXPECT_NE(recognize_master({"celery", "-A", "app", "worker"}).restart_refused, "");
+  EXPECT_EQ(recognize_master({"gunicorn", "app:app"}).restart_refused, "");
+  EXPECT_EQ(recognize_master({"./server"}).restart_refused, "");
+}
+
 TEST(Master, ThreadedGunicornWorkersCarryAWarning) {
   EXPECT_FALSE(recognize_master({"gunicorn", "--worker-class", "gthread", "app:app"}).warning.empty());
   EXPECT_FALSE(recognize_master({"gunicorn", "-k", "gthread", "app:app"}).warning.empty());

@@ -160,3 +160,62 @@ TEST(Policy, StoppingWorkersAreLeftAlone) {
   f.workers[0].stopping = true;
   EXPECT_TRUE(decide(policy(), f).empty());
 }
+
+TEST(Policy, TheMasterIsTrimmedAndRecycledOnlyAboveItsOwnHardLimit) {
+  Policy p = policy();
+  p.total_limit = 300 * MiB;
+  p.max_age_s = 10;
+  FleetView f;
+  WorkerView m = worker(1, 150 * MiB);
+  m.master = true;
+  m.limits = {100 * MiB, 0, 0};  // no master hard limit
+  m.age_s = 1000;
+  f.workers = {m, worker(2, 50 * MiB)};
+  f.total = 400 * MiB;
+  f.since_fleet_trim_s = 2;  // over the budget, trimmed a moment ago
+  f.workers[0].since_trim_s = 2;
+  auto d = decide(p, f);
+  // The budget recycles the largest *worker*, never the master; its age does not count.
+  ASSERT_EQ(d.size(), 1u);
+  EXPECT_EQ(d[0].id, 2);
+  EXPECT_EQ(d[0].reason, "fleet budget");
+  // Above its soft limit, it is trimmed like a worker.
+  f.total = 200 * MiB;
+  f.workers[0].since_trim_s = 1e18;
+  d = decide(p, f);
+  ASSERT_EQ(d.size(), 1u);
+  EXPECT_EQ(d[0].id, 1);
+  EXPECT_EQ(d[0].action, Action::kTrim);
+  // Above its own hard limit after a trim: recycled (a warm restart).
+  f.workers[0].limits.hard = 120 * MiB;
+  f.workers[0].since_trim_s = 2;
+  d = decide(p, f);
+  ASSERT_EQ(d.size(), 1u);
+  EXPECT_EQ(d[0].id, 1);
+  EXPECT_EQ(d[0].action, Action::kRecycle);
+  EXPECT_EQ(d[0].reason, "hard limit");
+}
+
+TEST(Policy, TheMastersRestartDoesNotWaitForRecyclingWorkers) {
+  FleetView f;
+  WorkerView m = worker(1, 150 * MiB);
+  m.master = true;
+  m.limits = {0, 120 * MiB, 0};
+  m.since_trim_s = 2;  // trimmed a moment ago, still above
+  WorkerView busy = worker(2, 50 * MiB);
+  busy.stopping = true;  // max_recycling (1) is taken by a worker
+  WorkerView big = worker(3, 500 * MiB);
+  big.limits = {0, 120 * MiB, 0};
+  big.since_trim_s = 2;
+  f.workers = {m, busy, big};
+  auto d = decide(policy(), f);
+  ASSERT_EQ(d.size(), 1u);  // the master, not the worker that has to wait
+  EXPECT_EQ(d[0].id, 1);
+  EXPECT_EQ(d[0].action, Action::kRecycle);
+  // A master being restarted takes no worker's place either.
+  f.workers[0].stopping = true;
+  f.workers[1].stopping = false;
+  d = decide(policy(), f);
+  ASSERT_EQ(d.size(), 1u);
+  EXPECT_EQ(d[0].id, 3);
+}
