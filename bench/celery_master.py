@@ -142,8 +142,10 @@ def run_variant(name, args, redis_url, seed):
         hung = False
     except subprocess.TimeoutExpired:  # Celery's warm shutdown can hang (docs/run.md)
         hung = True
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # what is left of its pool
+    except ProcessLookupError:
+        pass
     if rc != 0:
         sys.exit(f"{name}: the producer failed")
     after_first = next(m for n, m in samples if n >= args.burst)
