@@ -20,28 +20,15 @@ import argparse
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
 
+from procs import children, free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APPS = os.path.join(REPO, "tests", "integration", "apps")
 PY = "/usr/bin/python3"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
 
 
 def one_run(worker_class, seconds):

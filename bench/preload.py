@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,8 @@ WORKERS = 8
 
 sys.path.insert(0, os.path.join(REPO, "examples"))
 from fleet_demo import descendants, pss_kb  # noqa: E402 - the demo's /proc readers
+
+from procs import free_port  # noqa: E402 - beside the demo's readers
 
 
 async def _load(port, requests, connections, seed):
@@ -77,12 +78,6 @@ async def _load(port, requests, connections, seed):
 def load(port, requests, connections, seed):
     import asyncio
     return asyncio.run(_load(port, requests, connections, seed))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def commands(name, port, ebb_bin, ebb_lib):

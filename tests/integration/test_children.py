@@ -118,6 +118,18 @@ while True:
     assert f.stop() == 0
 
 
+def gunicorn_port(f, timeout=30):
+    """The port a gunicorn master under the fleet `f` bound (it logs it)."""
+    deadline = time.monotonic() + timeout
+    port = None
+    while port is None and time.monotonic() < deadline:
+        m = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", "".join(f.raw))
+        port = m and int(m.group(1))
+        time.sleep(0.1)
+    assert port, "".join(f.raw)
+    return port
+
+
 @pytest.mark.parametrize("worker_class", ["sync", "ebb.gthread.ThreadWorker"])
 def test_gunicorn_children_recycled_without_failed_requests(fleet, worker_class):  # noqa: F811
     """gunicorn's workers finish their requests on SIGTERM: under wrk (4
@@ -132,13 +144,7 @@ def test_gunicorn_children_recycled_without_failed_requests(fleet, worker_class)
               env={"PYTHONPATH": PYTHON_DIR},
               command=[PY, "-m", "gunicorn", "--workers", "2", "--worker-class", worker_class, *threads,
                        "--bind", "127.0.0.1:0", "--chdir", APPS, "--graceful-timeout", "20", "leaky_app:app"])
-    deadline = time.monotonic() + 30
-    port = None
-    while port is None and time.monotonic() < deadline:
-        m = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", "".join(f.raw))
-        port = m and int(m.group(1))
-        time.sleep(0.1)
-    assert port, "".join(f.raw)
+    port = gunicorn_port(f)
     f.wait_for("adopt", count=2)
     wrk = subprocess.run([WRK, "-t", "2", "-c", "4", "-d", "10s", "--timeout", "20s", f"http://127.0.0.1:{port}/"],
                          capture_output=True, text=True, timeout=60)
@@ -173,13 +179,7 @@ def test_gunicorn_master_handed_over_above_its_hard_limit(fleet, ebb_bin, tmp_pa
               command=["/usr/bin/gunicorn", "--workers", "2", "--bind", "127.0.0.1:0", "--chdir", APPS,
                        "-c", os.path.join(APPS, "gunicorn_leaky_master.py"), "--graceful-timeout", "20",
                        "leaky_app:app"])
-    deadline = time.monotonic() + 30
-    port = None
-    while port is None and time.monotonic() < deadline:
-        m = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", "".join(f.raw))
-        port = m and int(m.group(1))
-        time.sleep(0.1)
-    assert port, "".join(f.raw)
+    port = gunicorn_port(f)
     wrk = subprocess.run([WRK, "-t", "2", "-c", "4", "-d", "12s", "--timeout", "20s", f"http://127.0.0.1:{port}/"],
                          capture_output=True, text=True, timeout=60)
     assert wrk.returncode == 0, wrk.stderr
