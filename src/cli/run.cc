@@ -213,8 +213,8 @@ void register_run(CLI::App& app, int& rc) {
   sub->add_option("--hard-limit", a->hard, "Per worker: above this after a trim, recycle it gracefully")
       ->check(size_check(false));
   sub->add_option("--master-hard-limit", a->master_hard,
-                  "With --children: above this after a trim, restart the master warmly (gunicorn: USR2, then TERM "
-                  "to the old one; Celery: warm shutdown, then a new one) (default: never)")
+                  "With --children: above this after a trim, restart the master (gunicorn: USR2, then TERM to the "
+                  "old one; others: TERM, then a new one; refused for Celery) (default: never)")
       ->check(size_check(false));
   sub->add_option("--total-limit", a->total,
                   "The whole fleet's budget; 'none' for no budget (default: from the cgroup: memory.high, else 90% "

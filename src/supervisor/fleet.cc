@@ -105,11 +105,12 @@ void Fleet::begin_shutdown(const char* why) {
   }
   shutting_down_ = true;
   shutdown_at_ = now_s();
-  std::string what = o_.children ? "the master and its " + std::to_string(workers_.size() - 1) + " worker(s)"
-                                 : std::to_string(workers_.size()) + " worker(s)";
+  pid_t master = o_.children && !slots_.empty() ? slots_[0].pid : 0;  // 0 while it is being restarted
+  std::string what = master > 0 && workers_.count(master)
+                         ? "the master and its " + std::to_string(workers_.size() - 1) + " worker(s)"
+                         : std::to_string(workers_.size()) + " worker(s)";
   log_.event("shutdown", std::string(why) + ": stopping " + what + ", grace " + seconds(o_.grace_s),
              {{"workers", workers_.size()}, {"grace_s", o_.grace_s}});
-  pid_t master = o_.children && !slots_.empty() ? slots_[0].pid : 0;
   for (auto& [pid, w] : workers_) {
     if (o_.children && pid != master) continue;  // the master stops its own children
     stop(w, "shutdown");
