@@ -131,9 +131,24 @@ void Fleet::enforce_grace() {
                label(w.id, pid) + " still running " + seconds(o_.grace_s) + " after " + signame(stop_signal_of(w)) +
                    ": SIGKILL",
                {{"worker", w.id}, {"pid", pid}, {"reason", w.stop_reason}});
-    kill(-pid, SIGKILL);  // its process group: helpers it started go too
-    kill(pid, SIGKILL);
+    kill_now(pid);
   }
+}
+
+// SIGKILL to a worker and to its process group, so helpers it started go
+// too. Not to the group of an old master in a gunicorn handover: the new
+// master and its workers are in it (master_restart.cc); nor to a master that
+// is not its group's leader (one that took over): its own workers then.
+void Fleet::kill_now(pid_t pid) {
+  if (pid != handover_.from && getpgid(pid) == pid) {
+    kill(-pid, SIGKILL);
+  } else {
+    auto children = proc::children_by_parent();
+    auto range = children.equal_range(pid);
+    for (auto it = range.first; it != range.second; ++it)
+      if (it->second != handover_.to) kill(it->second, SIGKILL);
+  }
+  kill(pid, SIGKILL);
 }
 
 void Fleet::on_signal(int sig) {

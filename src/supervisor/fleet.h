@@ -94,16 +94,21 @@ class Fleet {
   void restart_master(Worker& w, const std::string& reason);
   void continue_handover(const proc::ChildMap& children);
   bool handed_over(pid_t old_master, int status);
-  void stop_unknown_children(pid_t parent, const proc::ChildMap& children);
+  void handover_failed(const std::string& why, const proc::ChildMap& children);
+  void stop_stray(pid_t pid, const std::string& reason);
   // gunicorn's USR2: the old master forks a new one, which takes over once
-  // its workers run; `from` is stopped then, and `to` becomes the slot's.
+  // its workers have run for --min-uptime; `from` is stopped then, and `to`
+  // becomes the slot's.
   struct Handover {
     pid_t from = 0;
     pid_t to = 0;
     double started = 0;
-    size_t workers = 0;  // the old master's, when it began: the new one is ready with as many
+    std::vector<pid_t> before;    // the old master's children at SIGUSR2: none of them is the new master
+    std::vector<pid_t> new_ones;  // the new master's workers, as last seen
+    double ready_since = -1;      // ... unchanged and as many as the old one's since then
   } handover_;
   double master_restart_after_ = 0;  // a failed restart is not tried again before then
+  unsigned handover_failures_ = 0;   // in a row: each doubles the wait before the next try
   void trim(Worker& w, const std::string& reason);
   void recycle(Worker& w, const std::string& reason);
   void watch_cgroup();
@@ -112,6 +117,7 @@ class Fleet {
   void on_signal(int sig);
   void begin_shutdown(const char* why);
   void enforce_grace();
+  void kill_now(pid_t pid);
   double next_wakeup() const;
   Limits draw();
   unsigned live_slots() const;

@@ -6,18 +6,22 @@
 // (memory.cc); above its hard limit after a trim, ebb restarts it without
 // losing work:
 // - gunicorn: SIGUSR2 makes the old master fork a new one that inherits the
-//   listening sockets; once the new one's workers run, the old one gets
-//   SIGTERM and its workers finish their requests. No connection is refused
-//   at any moment. The new master becomes ebb's (a subreaper, it is adopted
-//   when the old one exits).
+//   listening sockets; once the new one's workers have run for --min-uptime,
+//   the old one gets SIGTERM and its workers finish their requests. No
+//   connection is refused at any moment. The new master becomes ebb's (a
+//   subreaper, it is adopted when the old one exits).
 // - any other master but Celery: SIGTERM, its own graceful stop, then a
 //   fresh start once it has exited. Celery is refused (master.cc: its warm
 //   shutdown can hang with a job half written to its pool).
+//
+// The new master is a child of the old one and shares its process group, so
+// nothing here signals the old master's group (fleet.cc: kill_now).
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "fleet.h"
 
@@ -26,23 +30,33 @@ namespace ebb::supervisor {
 namespace {
 
 constexpr double kHandoverTimeoutS = 60;  // for the new gunicorn master to run its workers
+constexpr double kMaxRetryS = 600;        // the longest wait after failed handovers in a row
 
 std::string master_label(pid_t pid) { return "master [pid " + std::to_string(pid) + "]"; }
+
+std::vector<pid_t> children_of(pid_t parent, const proc::ChildMap& children) {
+  std::vector<pid_t> v;
+  auto range = children.equal_range(parent);
+  for (auto it = range.first; it != range.second; ++it) v.push_back(it->second);
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+bool contains(const std::vector<pid_t>& v, pid_t pid) { return std::find(v.begin(), v.end(), pid) != v.end(); }
 
 }  // namespace
 
 void Fleet::restart_master(Worker& w, const std::string& reason) {
-  counters_.recycles[reason]++;
   counters_.master_restarts++;
   nlohmann::json f = {{"pid", w.pid}, {"reason", reason}, {"metric", metric_name(o_.metric)},
                       {"mem", w.mem}, {"master", true},   {"age_s", now_s() - w.started}};
   std::string text = master_label(w.pid) + " restart (" + reason + "): " + metric_name(o_.metric) + " " + mib(w.mem);
   if (reason == "hard limit") text += " > " + mib(w.limits.hard);
   if (o_.master.handover) {
-    size_t children = 0;
-    for (const auto& [pid, x] : workers_)
-      if (pid != w.pid && !x.stopping) children++;
-    handover_ = {w.pid, 0, now_s(), children};
+    handover_ = {};
+    handover_.from = w.pid;
+    handover_.started = now_s();
+    handover_.before = children_of(w.pid, proc::children_by_parent());
     log_.event("restart", text + "; SIGUSR2: a new master takes over once its workers run", f);
     kill(w.pid, SIGUSR2);
     return;
@@ -51,77 +65,114 @@ void Fleet::restart_master(Worker& w, const std::string& reason) {
   stop(w, reason);
 }
 
-// Each tick of a gunicorn handover: find the new master (the old one's child
-// with children of its own), and once it runs as many workers as the old
-// one did, stop the old one.
+// Each tick of a gunicorn handover: find the new master (a child the old
+// one forked after SIGUSR2, with children of its own); once it has run as
+// many workers as the old one had, the same ones for --min-uptime (forked is
+// not booted: a worker that fails to boot exits, and so does its master),
+// stop the old one.
 void Fleet::continue_handover(const proc::ChildMap& children) {
-  if (handover_.from == 0) return;
-  auto old = workers_.find(handover_.from);
+  Handover& h = handover_;
+  if (h.from == 0) return;
+  auto old = workers_.find(h.from);
   if (old == workers_.end()) return;
-  if (handover_.to == 0) {
-    auto range = children.equal_range(handover_.from);
-    for (auto it = range.first; it != range.second; ++it)
-      if (!workers_.count(it->second) && children.count(it->second) > 0) handover_.to = it->second;
+  std::vector<pid_t> ours = children_of(h.from, children);
+  if (h.to > 0 && !contains(ours, h.to)) {  // it exited, and the old master reaped it
+    if (!shutting_down_ && !old->second.stopping) {
+      handover_failed("the new " + master_label(h.to) + " exited before it took over", children);
+      return;
+    }
+    h.to = 0;
   }
+  if (h.to == 0)
+    for (pid_t c : ours)
+      if (!contains(h.before, c) && !workers_.count(c) && children.count(c) > 0) h.to = c;
   if (shutting_down_) {
-    stop_unknown_children(handover_.from, children);
+    // ebb stops during a handover: the new master must not outlive it.
+    for (pid_t c : ours)
+      if (!contains(h.before, c)) stop_stray(c, "shutdown");
     return;
   }
   if (old->second.stopping) return;  // SIGTERM sent: its exit completes the handover
-  size_t running = handover_.to > 0 ? children.count(handover_.to) : 0;
-  if (handover_.to > 0 && running >= std::max<size_t>(1, handover_.workers)) {
+  std::vector<pid_t> workers = h.to > 0 ? children_of(h.to, children) : std::vector<pid_t>{};
+  double now = now_s();
+  bool enough = workers.size() >= std::max<size_t>(1, h.before.size());
+  if (!enough)
+    h.ready_since = -1;
+  else if (h.ready_since < 0 || workers != h.new_ones)
+    h.ready_since = now;  // a worker was replaced: it may be failing to boot
+  h.new_ones = workers;
+  if (h.ready_since >= 0 && now - h.ready_since >= o_.min_uptime_s) {
+    handover_failures_ = 0;
     log_.event("restart",
-               "new " + master_label(handover_.to) + " runs " + std::to_string(running) +
-                   " worker(s); SIGTERM to old " + master_label(handover_.from),
-               {{"pid", handover_.from}, {"successor", handover_.to}, {"workers", running}});
+               "new " + master_label(h.to) + " runs " + std::to_string(workers.size()) + " worker(s) for " +
+                   seconds(now - h.ready_since) + "; SIGTERM to old " + master_label(h.from),
+               {{"pid", h.from}, {"successor", h.to}, {"workers", workers.size()}});
     stop(old->second, "hard limit");
     return;
   }
-  if (now_s() - handover_.started > kHandoverTimeoutS) {
-    log_.event("error",
-               master_label(handover_.from) + ": no new master ran its workers within " + seconds(kHandoverTimeoutS) +
-                   " of SIGUSR2; the old one stays" + (handover_.to > 0 ? ", SIGTERM to the new one" : ""),
-               {{"pid", handover_.from}, {"successor", handover_.to}});
-    if (handover_.to > 0) kill(handover_.to, SIGTERM);
-    handover_ = {};
-    master_restart_after_ = now_s() + kHandoverTimeoutS;
-  }
+  if (now - h.started > kHandoverTimeoutS)
+    handover_failed("no new master ran its workers for " + seconds(o_.min_uptime_s) + " within " +
+                        seconds(kHandoverTimeoutS) + " of SIGUSR2",
+                    children);
 }
 
-// ebb stops during a handover: the new master must not outlive it. Every
-// child of `parent` ebb does not know is stopped and waited for: the new
-// master, or one that may become it (a worker the old master has just
-// forked is stopped by its master anyway).
-void Fleet::stop_unknown_children(pid_t parent, const proc::ChildMap& children) {
-  auto range = children.equal_range(parent);
-  for (auto it = range.first; it != range.second; ++it) {
-    if (workers_.count(it->second)) continue;
-    Worker& n = add_worker(slots_.empty() ? 0 : slots_[0].id, it->second);
-    stop(n, "shutdown");
-  }
+// The handover did not happen: the old master stays. What it forked since
+// SIGUSR2 and ebb does not know is the new master or may become it: stopped
+// (SIGTERM is graceful for a gunicorn master and its workers alike).
+void Fleet::handover_failed(const std::string& why, const proc::ChildMap& children) {
+  Handover h = handover_;
+  handover_ = {};
+  handover_failures_++;
+  double wait = std::min(kMaxRetryS, kHandoverTimeoutS * std::ldexp(1.0, static_cast<int>(handover_failures_) - 1));
+  master_restart_after_ = now_s() + wait;
+  log_.event(
+      "error",
+      master_label(h.from) + ": " + why + "; the old one stays, next try in " + seconds(wait) + " at the earliest",
+      {{"pid", h.from}, {"successor", h.to}, {"failures", handover_failures_}});
+  for (pid_t c : children_of(h.from, children))
+    if (!contains(h.before, c)) stop_stray(c, "failed handover");
+}
+
+// A process ebb did not start, and must not leave behind: followed and
+// stopped like a worker (its exit is logged, the grace applies).
+void Fleet::stop_stray(pid_t pid, const std::string& reason) {
+  if (workers_.count(pid)) return;
+  Worker& w = add_worker(next_child_id_++, pid);
+  w.stopping = true;
+  w.stop_sent = now_s();
+  w.stop_reason = reason;
+  kill(pid, SIGTERM);
 }
 
 // The old master of a handover exited. True when the new one took its
-// place (nothing to restart).
+// place (nothing to restart). A subreaper, ebb is now the parent of what
+// the old master left: the new master, seen or not yet (the old one may
+// have been killed, or have died by itself).
 bool Fleet::handed_over(pid_t old_master, int status) {
   pid_t to = handover_.to;
   handover_ = {};
+  auto mine = proc::children_by_parent();
+  std::vector<pid_t> orphans;
+  for (pid_t c : children_of(getpid(), mine))
+    if (!workers_.count(c) && !(zygote_ && zygote_->pid() == c) && !(next_zygote_ && next_zygote_->pid() == c))
+      orphans.push_back(c);
+  if (!contains(orphans, to)) to = 0;
+  if (to == 0)
+    for (pid_t c : orphans)
+      if (mine.count(c) > 0) to = c;
   auto slot = std::find_if(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.pid == old_master; });
-  if (to <= 0 && shutting_down_) {
-    // It exited before ebb saw its successor, now ebb's child (a subreaper).
-    stop_unknown_children(getpid(), proc::children_by_parent());
-    return false;
-  }
-  if (to <= 0 || kill(to, 0) != 0 || slot == slots_.end()) return false;  // restarted the plain way
+  for (pid_t c : orphans)
+    if (c != to || shutting_down_ || slot == slots_.end()) stop_stray(c, shutting_down_ ? "shutdown" : "orphan");
+  if (to == 0 || shutting_down_ || slot == slots_.end()) return false;  // restarted the plain way, or not at all
   std::string how = WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
                                       : "was killed by " + signame(WTERMSIG(status));
   log_.event("exit", "old " + master_label(old_master) + " " + how + "; new " + master_label(to) + " took over",
              {{"pid", old_master}, {"successor", to}, {"reason", "hard limit"}});
   workers_.erase(old_master);
   slot->pid = to;
-  if (workers_.count(to)) return true;  // already being stopped (ebb stops)
   Worker& w = add_worker(slot->id, to);
   set_master_limits(w);
+  w.mem = process_memory(to, o_.metric);  // shown at once, not after the next tick
   return true;
 }
 

@@ -54,14 +54,17 @@ def test_celery_prefork_children_recycled_with_every_task_exactly_once(fleet, re
     """Seed 000's setup: ebb recycles pool processes at their hard limit, each
     finishes its task first (ebb.celery's SIGINT), and no task is lost or run twice."""
     tasks = 400
-    f, started, done = celery_prefork(fleet, redis_url, acks_late, ["--hard-limit", "90M"], tasks=tasks)
+    f, started, done = celery_prefork(fleet, redis_url, acks_late, ["--hard-limit", "90M", "--max-recycling", "2"],
+                                      tasks=tasks)
     log = "".join(f.raw)
     recycles = f.of("recycle", reason="hard limit")
     lost = [i for i in range(tasks) if done.get(i, 0) == 0]
     twice = [i for i in range(tasks) if started.get(i, 0) != 1 or done.get(i, 0) > 1]
     print(f"acks_late={acks_late}: {len(done)}/{tasks} done, {len(lost)} lost, {len(twice)} repeated, "
           f"{len(recycles)} recycles")
-    assert len(recycles) >= 5, log[-3000:]
+    # A recycled pool process can take seconds to exit (the jobs already sent to
+    # it run first), and the 400 tasks take about 15 s: a few recycles, not many.
+    assert len(recycles) >= 3, log[-3000:]
     assert all(r["message"].count("SIGINT") == 1 for r in recycles)
     assert not lost and not twice, (lost, twice)
     assert "WorkerLostError" not in log and "exited with 'signal" not in log, log[-3000:]
@@ -210,6 +213,34 @@ def test_gunicorn_master_handed_over_above_its_hard_limit(fleet, ebb_bin, tmp_pa
     assert not f.of("kill")
     total = re.search(r"(\d+) requests in", out).group(1)
     print(f"wrk: {total} requests, {len(restarts)} master handovers")
+
+
+def test_gunicorn_handover_that_fails_keeps_the_old_master(fleet, ebb_bin, tmp_path):  # noqa: F811
+    """The new master's workers fork, then fail to boot 1.5 s later (before
+    --min-uptime 3s), and the new master exits: ebb keeps the old master,
+    which goes on serving, says why, waits before trying again, and leaves
+    no process behind."""
+    sock = tmp_path / "fleet.sock"
+    f = fleet(["--children", "--master-hard-limit", "80M", "--metric", "rss", "--grace", "10s", "--status-socket",
+               str(sock), "--interval", "0.2s", "--min-uptime", "3s"], [], env={"PYTHONPATH": PYTHON_DIR},
+              command=["/usr/bin/gunicorn", "--workers", "2", "--bind", "127.0.0.1:0", "--chdir", APPS,
+                       "-c", os.path.join(APPS, "gunicorn_failing_successor.py"), "leaky_app:app"])
+    port = gunicorn_port(f)
+    first = f.of("start")[0]["pid"]
+    error = f.wait_for("error", timeout=60)[0]
+    assert "exited before it took over" in error["message"] and "next try in 60s" in error["message"], error
+    assert error["pid"] == first and error["successor"] > 0
+    print(error["message"])
+    assert not f.of("restart", pid=first)[1:], "one try only: the next waits"
+    assert not [e for e in f.of("exit") if "successor" in e] and not f.of("kill")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+        assert r.status == 200
+    status = json.loads(subprocess.run([ebb_bin, "ps", "--fleet", str(sock), "--json"], capture_output=True,
+                                       text=True, check=True, timeout=10).stdout)
+    assert [w["pid"] for w in status["workers"] if w["state"] == "master"] == [first], status
+    assert f.stop() == 0
+    left = subprocess.run(["pgrep", "-f", "gunicorn_failing_successor"], capture_output=True, text=True).stdout
+    assert not left, left
 
 
 def test_master_hard_limit_refused_for_celery_and_without_children(ebb_bin):
