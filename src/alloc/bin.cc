@@ -69,6 +69,8 @@ uint32_t bin_refill(unsigned cls, uint32_t want, FreeObj** out) {
       if (s->full()) list_remove(b, s);
     }
     b.out += got;
+    b.taken_bytes.store(b.taken_bytes.load(std::memory_order_relaxed) + uint64_t{got} * class_size(cls),
+                        std::memory_order_relaxed);
   }
   // Out of memory: what was found is at the top of out[]; move it down.
   if (got < want) memmove(static_cast<void*>(out), out + (want - got), got * kSlotSize);
@@ -228,7 +230,18 @@ bool bins_big_burst(uint64_t now) {
   return due * kBurstShare >= out;
 }
 
-size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending, bool* cold_purged) {
+uint64_t bins_taken() {
+  uint64_t sum = 0;
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) sum += g_bins[cls].taken_bytes.load(std::memory_order_relaxed);
+  return sum;
+}
+
+// `warm`: free bytes that may stay resident although their delay is over,
+// because the program allocated that much just now and is likely to again
+// (purge.cc: the busy window). Spans due for a purge keep their pages while
+// the free bytes they hold fit in it.
+size_t bins_purge(uint64_t now, bool force, uint64_t warm, bool* pending, bool* empty_pending, bool* cold_purged,
+                  bool* kept_warm) {
   size_t bytes = 0;
   const bool short_delay = force || bins_big_burst(now);
   for (unsigned cls = 1; cls <= kNumClasses; cls++) {
@@ -240,7 +253,13 @@ size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending, 
         const bool empty = is_sparse(s);
         const bool at_once = empty && cold(s, now);
         const uint32_t delay = at_once ? 0 : empty && short_delay ? g_options.empty_delay_ms : g_options.purge_delay_ms;
-        if (force || os::elapsed_ms(now, s->touched) >= delay) {
+        const bool due = force || os::elapsed_ms(now, s->touched) >= delay;
+        const uint64_t free_bytes = uint64_t{s->high - s->used} * class_size(cls);
+        if (due && !force && free_bytes <= warm) {
+          warm -= free_bytes;  // the busy window keeps it, for now
+          *pending = true;
+          *kept_warm = true;
+        } else if (due) {
           const size_t got = span_purge(s);
           // Only a span that just went cold and (almost) empty keeps the
           // purger on its short tick: a free into an old, already sparse

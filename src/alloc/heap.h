@@ -127,6 +127,10 @@ struct Bin {
   Span* head = nullptr;  // spans with free objects
   uint64_t out = 0;      // objects handed to threads (live or thread-cached)
   uint32_t spans = 0;    // spans of this class
+  // Bytes refills ever took from this bin's spans: the recent allocation
+  // demand the purger weighs (purge.cc). Written under `lock` with a plain
+  // store; read by the purger without it.
+  std::atomic<uint64_t> taken_bytes{0};
 } __attribute__((aligned(64)));
 
 // ---- global state -----------------------------------------------------------
@@ -153,6 +157,7 @@ struct Options {
   bool background = true;         // EBB_BACKGROUND=0: no purger thread (purge on activity only)
   uint32_t tcache_bytes = 16384;  // EBB_TCACHE_BYTES: per class and thread, at most 16384 (0: no thread cache)
   uint32_t large_cache_mb = 32;   // EBB_LARGE_CACHE_MB: freed large blocks kept for reuse
+  uint32_t busy_window_ms = 500;  // EBB_BUSY_WINDOW_MS: free spans up to what was allocated this recently stay
   bool verbose = false;           // EBB_VERBOSE=1: print the options at start
   // Read at start-up like the rest: the purger opens the page later, from
   // inside some free(), and that free() may be setenv() replacing the very
@@ -267,7 +272,9 @@ struct Flushed {
 // may go after the short delay (the purger then looks again sooner).
 // *cold_purged: a span that went cold and (almost) empty since the last pass
 // gave pages back (more may follow soon: see cold() in bin.cc).
-size_t bins_purge(uint64_t now, bool force, bool* pending, bool* empty_pending, bool* cold_purged);
+size_t bins_purge(uint64_t now, bool force, uint64_t warm, bool* pending, bool* empty_pending, bool* cold_purged,
+                  bool* kept_warm);
+uint64_t bins_taken();  // the sum of the bins' taken_bytes
 // Whether the (almost) empty spans whose short delay has passed at `now`
 // hold a big enough share of the heap for that delay to apply (bin.cc).
 bool bins_big_burst(uint64_t now);

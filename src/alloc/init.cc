@@ -51,6 +51,8 @@ void print_options() {
   os::write_err(os::fmt_dec(num, g_options.tcache_bytes));
   os::write_err(" large_cache_mb=");
   os::write_err(os::fmt_dec(num, g_options.large_cache_mb));
+  os::write_err(" busy_window_ms=");
+  os::write_err(os::fmt_dec(num, g_options.busy_window_ms));
   os::write_err("\n");
 }
 
@@ -63,6 +65,7 @@ void options_load() {
   if (env_u32("EBB_BACKGROUND", &v)) g_options.background = v != 0;
   if (env_u32("EBB_TCACHE_BYTES", &v)) g_options.tcache_bytes = v > kMaxTcacheBytes ? kMaxTcacheBytes : v;
   if (env_u32("EBB_LARGE_CACHE_MB", &v)) g_options.large_cache_mb = v;
+  if (env_u32("EBB_BUSY_WINDOW_MS", &v)) g_options.busy_window_ms = v;
   if (env_u32("EBB_VERBOSE", &v)) g_options.verbose = v != 0;
   const char* t = getenv("EBB_TELEMETRY");
   g_options.telemetry = t != nullptr && t[0] == '1';

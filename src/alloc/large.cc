@@ -1,8 +1,11 @@
 // Large objects (> 128 KiB): each gets its own mapping, aligned like a segment
 // so free() finds its header by masking, with the object one page in.
-// Freed blocks wait in a small cache (bounded in count and bytes) for the
-// purge delay, so a program that allocates and frees big buffers in a loop
-// does not pay mmap + page faults every time; then they are unmapped.
+// Freed blocks wait in a cache for the purge delay, so a program that
+// allocates and frees big buffers in a loop does not pay mmap + page faults
+// every time; then they are unmapped. The cache is sized by use: it holds at
+// most as many bytes as the program had live in large blocks at its recent
+// peak (at least EBB_LARGE_CACHE_MB), so a loop over twenty 25 MB buffers
+// reuses them all, and an idle process still gives them back.
 //
 // A cached block is handed out whole, even when it is bigger than asked
 // for: its pages are resident already, and a buffer that then grows by
@@ -11,7 +14,9 @@
 // beyond the request is *slack*; so is what a shrinking realloc leaves. The
 // purger unmaps slack once it has waited the purge delay, as it unmaps
 // cached blocks. malloc_usable_size() never counts slack: the program must
-// not write where the purger may unmap.
+// not write where the purger may unmap. When no cached block is big enough,
+// the biggest one grows with mremap: its resident pages move, they are not
+// faulted again, and only the new part is.
 #include <errno.h>
 #include <sys/mman.h>
 
@@ -26,7 +31,7 @@ Lock g_large_lock;
 
 namespace {
 
-constexpr unsigned kCacheSlots = 8;
+constexpr unsigned kCacheSlots = 32;
 struct CacheEntry {
   SegmentHeader* seg;
   uint32_t since;  // now_ms() when it was freed (cache) or got its slack (g_slack)
@@ -34,12 +39,31 @@ struct CacheEntry {
 };
 CacheEntry g_cache[kCacheSlots];
 unsigned g_cached = 0;
-// Live blocks with slack, under g_large_lock like the cache, at most
-// EBB_LARGE_CACHE_MB of it in all, and only while a purger can unmap it.
-// A block that does not fit here gets its tail unmapped at once.
+// Live blocks with slack, under g_large_lock like the cache, within the
+// budget the cache counts against too, and only while a purger can unmap it. A block that does
+// not fit here gets its tail unmapped at once.
 CacheEntry g_slack[kCacheSlots];
 unsigned g_slacks = 0;
 size_t g_slack_bytes = 0;
+// The most bytes live in large objects since the purger last emptied the
+// cache: the cache's budget (with EBB_LARGE_CACHE_MB as its floor).
+std::atomic<uint64_t> g_live_peak{0};
+
+void note_live(uint64_t live) {
+  uint64_t peak = g_live_peak.load(std::memory_order_relaxed);
+  while (live > peak && !g_live_peak.compare_exchange_weak(peak, live, std::memory_order_relaxed)) {
+  }
+}
+
+// Bytes the cache and the slack may hold together; 0 (EBB_LARGE_CACHE_MB=0):
+// no cache and no slack at all.
+uint64_t budget() {
+  const uint64_t floor = uint64_t{g_options.large_cache_mb} << 20;
+  if (floor == 0) return 0;
+  // Each block maps up to two pages more than its object: header, rounding.
+  const uint64_t peak = g_live_peak.load(std::memory_order_relaxed) + 2 * kCacheSlots * kPageSize;
+  return peak > floor ? peak : floor;
+}
 
 size_t round_page(size_t n) { return (n + kPageSize - 1) & ~(kPageSize - 1); }
 
@@ -69,7 +93,7 @@ void slack_drop(unsigned i) {
 // is not in the table.
 bool slack_add(SegmentHeader* h) {
   const size_t bytes = h->map_size - used_size(h);
-  const size_t limit = size_t{g_options.large_cache_mb} << 20;
+  const uint64_t limit = budget();
   auto since = static_cast<uint32_t>(os::now_ms());
   for (unsigned i = 0; i < g_slacks; i++) {
     if (g_slack[i].seg == h) {  // already waiting: keeps its time
@@ -78,7 +102,8 @@ bool slack_add(SegmentHeader* h) {
       break;
     }
   }
-  if (g_slacks == kCacheSlots || g_slack_bytes + bytes > limit || !purger_available()) return false;
+  const uint64_t held = g_slack_bytes + g_counters.large_cached.load(std::memory_order_relaxed);
+  if (g_slacks == kCacheSlots || held + bytes > limit || !purger_available()) return false;
   g_slack[g_slacks++] = {h, since, bytes};
   g_slack_bytes += bytes;
   return true;
@@ -117,42 +142,93 @@ LargeState state_of(const SegmentHeader* h) {
 }
 void set_state(SegmentHeader* h, LargeState state) { __atomic_store_n(&h->large_state, state, __ATOMIC_RELAXED); }
 
-// Best-fitting cached block of at least `need` bytes, for an object of
-// `size` bytes at `offset`: whole if the slack table takes its tail (then
-// *slack is set), else trimmed to `need`. The object's offset and size are
-// set here, under the lock: the purger may trim the slack at once.
-SegmentHeader* cache_take(size_t need, size_t offset, size_t size, bool* slack) {
-  LockGuard guard(g_large_lock);
-  int best = -1;
-  for (unsigned i = 0; i < g_cached; i++)
-    if (g_cache[i].seg->map_size >= need && (best < 0 || g_cache[i].seg->map_size < g_cache[best].seg->map_size))
-      best = static_cast<int>(i);
-  if (best < 0) return nullptr;
-  SegmentHeader* h = g_cache[best].seg;
-  g_cache[best] = g_cache[--g_cached];
-  g_counters.large_cached.fetch_sub(h->map_size, std::memory_order_relaxed);
-  h->offset = offset;
-  h->request = size;
-  set_state(h, kLargeLive);
-  if (h->map_size >= need + 16 * kPageSize && slack_add(h))
-    *slack = true;
-  else
-    unmap_tail(h, need);
-  return h;
+// Grows block h's mapping to `need` bytes without copying: in place if the
+// address space after it is free, else its pages move (mremap, no copy) to a
+// new segment-aligned address. Returns h's new header, or nullptr (h is
+// unchanged). No other thread can reach h meanwhile: it is out of the cache,
+// or kLargeMoving.
+SegmentHeader* grow_mapping(SegmentHeader* h, size_t need) {
+  const size_t old_size = h->map_size;
+  void* r = mremap(h, old_size, need, 0);
+  if (r == MAP_FAILED && (reinterpret_cast<uintptr_t>(h) & kSegmentMask) == 0) {
+    void* dest = os::map_aligned(need, kSegmentSize);
+    if (dest != nullptr) {
+      registry_set_large(reinterpret_cast<uintptr_t>(dest), true);
+      // The old address leaves the registry before mremap unmaps it: from
+      // then on another thread may map a block there and register it.
+      registry_set_large(reinterpret_cast<uintptr_t>(h), false);
+      r = mremap(h, old_size, need, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
+      if (r == MAP_FAILED) {
+        registry_set_large(reinterpret_cast<uintptr_t>(h), true);
+        registry_set_large(reinterpret_cast<uintptr_t>(dest), false);
+        os::unmap(dest, need);
+      }
+    }
+  }
+  if (r == MAP_FAILED) return nullptr;
+  auto* nh = static_cast<SegmentHeader*>(r);
+  nh->map_size = need;
+  g_counters.mapped.fetch_add(need - old_size, std::memory_order_relaxed);
+  return nh;
+}
+
+// A cached block for an object of `size` bytes at `offset`, `need` bytes in
+// all: the best-fitting one of at least `need`, whole if the slack table
+// takes its tail (then *slack is set), else trimmed to `need`; failing that,
+// the biggest one, grown. *dirty: how many bytes from the block's start may
+// hold old data (calloc zeroes those only: the rest is fresh from the
+// kernel). The object's offset and size are set under the lock: the purger
+// may trim the slack at once.
+SegmentHeader* cache_take(size_t need, size_t offset, size_t size, bool* slack, size_t* dirty) {
+  SegmentHeader* h;
+  {
+    LockGuard guard(g_large_lock);
+    int best = -1, biggest = -1;
+    for (unsigned i = 0; i < g_cached; i++) {
+      const size_t bytes = g_cache[i].seg->map_size;
+      if (bytes >= need && (best < 0 || bytes < g_cache[best].seg->map_size)) best = static_cast<int>(i);
+      if (biggest < 0 || bytes > g_cache[biggest].seg->map_size) biggest = static_cast<int>(i);
+    }
+    const int pick = best >= 0 ? best : biggest;
+    if (pick < 0) return nullptr;
+    h = g_cache[pick].seg;
+    g_cache[pick] = g_cache[--g_cached];
+    g_counters.large_cached.fetch_sub(h->map_size, std::memory_order_relaxed);
+    *dirty = h->map_size;
+    if (best >= 0) {
+      h->offset = offset;
+      h->request = size;
+      set_state(h, kLargeLive);
+      if (h->map_size >= need + 16 * kPageSize && slack_add(h))
+        *slack = true;
+      else
+        unmap_tail(h, need);
+      return h;
+    }
+    set_state(h, kLargeMoving);
+  }
+  SegmentHeader* grown = grow_mapping(h, need);  // outside the lock: it may move pages for a while
+  if (grown == nullptr) {
+    unmap_block(h);
+    return nullptr;
+  }
+  grown->offset = offset;
+  grown->request = size;
+  set_state(grown, kLargeLive);
+  return grown;
 }
 
 // Block h (object p) was freed: takes it out of the slack table and puts it
 // in the cache if `cacheable` and there is room (returns true), whole.
 // Otherwise the caller unmaps it.
 bool retire(SegmentHeader* h, const void* p, bool cacheable) {
-  const uint64_t limit = uint64_t{g_options.large_cache_mb} << 20;
   LockGuard guard(g_large_lock);
   // Two threads freeing p at once both passed check_large_pointer(); only
   // the first gets here while p is live, or both would cache or unmap it.
   if (EBB_UNLIKELY(state_of(h) != kLargeLive)) os::fatal_pointer("free", "double free", p);
   slack_remove(h);
   if (!cacheable || g_cached == kCacheSlots ||
-      g_counters.large_cached.load(std::memory_order_relaxed) + h->map_size > limit) {
+      g_counters.large_cached.load(std::memory_order_relaxed) + g_slack_bytes + h->map_size > budget()) {
     set_state(h, kLargeGoing);
     return false;
   }
@@ -177,9 +253,9 @@ void* large_alloc(size_t size, size_t align, bool zero) {
   const size_t offset = align > kPageSize && !shifted ? align : kPageSize;
   const size_t need = round_page(offset + size);
   bool slack = false;
-  SegmentHeader* h = shifted ? nullptr : cache_take(need, offset, size, &slack);
-  const bool fresh = h == nullptr;
-  if (fresh) {
+  size_t dirty = 0;
+  SegmentHeader* h = shifted ? nullptr : cache_take(need, offset, size, &slack, &dirty);
+  if (h == nullptr) {
     void* mem;
     if (shifted) {
       auto* base = static_cast<char*>(os::map_aligned(align + need - kPageSize, align));
@@ -202,9 +278,9 @@ void* large_alloc(size_t size, size_t align, bool zero) {
     g_counters.mapped.fetch_add(need, std::memory_order_relaxed);
     register_block(h, true);
   }
-  g_counters.large_live.fetch_add(size, std::memory_order_relaxed);
+  note_live(g_counters.large_live.fetch_add(size, std::memory_order_relaxed) + size);
   void* p = reinterpret_cast<char*>(h) + offset;
-  if (zero && !fresh) memset(p, 0, size);
+  if (zero && dirty > offset) memset(p, 0, dirty - offset < size ? dirty - offset : size);
   if (slack) purge_notify();  // the purger will unmap the slack unless realloc uses it
   return p;
 }
@@ -267,26 +343,8 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
     if (notify) purge_notify();
     return p;
   }
-  // Grow: in place if the address space after us is free, else move the pages
-  // (no copy) to a new segment-aligned address with mremap.
-  const size_t old_size = h->map_size;
-  void* r = mremap(h, old_size, need, 0);
-  if (r == MAP_FAILED && (reinterpret_cast<uintptr_t>(h) & kSegmentMask) == 0) {
-    void* dest = os::map_aligned(need, kSegmentSize);
-    if (dest != nullptr) {
-      registry_set_large(reinterpret_cast<uintptr_t>(dest), true);
-      // The old address leaves the registry before mremap unmaps it: from
-      // then on another thread may map a block there and register it.
-      registry_set_large(reinterpret_cast<uintptr_t>(h), false);
-      r = mremap(h, old_size, need, MREMAP_MAYMOVE | MREMAP_FIXED, dest);
-      if (r == MAP_FAILED) {
-        registry_set_large(reinterpret_cast<uintptr_t>(h), true);
-        registry_set_large(reinterpret_cast<uintptr_t>(dest), false);
-        os::unmap(dest, need);
-      }
-    }
-  }
-  if (r == MAP_FAILED) {
+  SegmentHeader* nh = grow_mapping(h, need);
+  if (nh == nullptr) {
     // No room to grow or move the mapping: copy.
     set_state(h, kLargeLive);
     void* q = large_alloc(size, kMinAlign, false);
@@ -295,11 +353,8 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
     large_free(h, p);
     return q;
   }
-  auto* nh = static_cast<SegmentHeader*>(r);
-  nh->map_size = need;
   set_state(nh, kLargeLive);
-  g_counters.mapped.fetch_add(need - old_size, std::memory_order_relaxed);
-  g_counters.large_live.fetch_add(size - nh->request, std::memory_order_relaxed);
+  note_live(g_counters.large_live.fetch_add(size - nh->request, std::memory_order_relaxed) + size - nh->request);
   nh->request = size;
   return reinterpret_cast<char*>(nh) + nh->offset;
 }
@@ -331,6 +386,9 @@ size_t large_release(uint64_t now, bool force, bool* pending) {
       i++;
     }
   }
+  // Emptied: the budget follows what is live from now on.
+  if (g_cached == 0)
+    g_live_peak.store(g_counters.large_live.load(std::memory_order_relaxed), std::memory_order_relaxed);
   return bytes;
 }
 

@@ -27,6 +27,7 @@ std::atomic<int> g_wake{0};          // futex word: bumped to wake the purger (t
 std::atomic<bool> g_pending{false};  // something may be waiting for its delay
 std::atomic<bool> g_empty{false};    // ... and a sparse span may go after the short delay
 std::atomic<bool> g_cold{false};     // a cold span emptied: look every kColdTickMs while they come
+std::atomic<bool> g_warm{false};     // the busy window kept spans past their delay (purge_all)
 // How often the purger looks while cold spans empty (a `del` of old data in
 // progress): their pages go at once, and the passes follow the `del`.
 constexpr uint32_t kColdTickMs = 2;
@@ -64,7 +65,9 @@ void* purger_main(void*) {
     // Look again after half the delay that applies to what waits.
     const uint32_t delay =
         g_empty.load(std::memory_order_acquire) ? g_options.empty_delay_ms : g_options.purge_delay_ms;
-    const uint32_t tick = g_cold.load(std::memory_order_acquire) ? kColdTickMs : delay / 2 < 5 ? 5 : delay / 2;
+    uint32_t tick = g_cold.load(std::memory_order_acquire) ? kColdTickMs : delay / 2 < 5 ? 5 : delay / 2;
+    const uint32_t window_step = g_options.busy_window_ms / 8 < 5 ? 5 : g_options.busy_window_ms / 8;
+    if (g_warm.load(std::memory_order_acquire) && tick > window_step) tick = window_step;
     if (std::atomic<uint32_t>* word = telemetry_wake_word()) {
       uint32_t seen = word->load(std::memory_order_acquire);
       telemetry_serve();  // a command may have come before we looked
@@ -86,6 +89,7 @@ void* purger_main(void*) {
       g_pending.store(false, std::memory_order_release);
       g_empty.store(false, std::memory_order_release);
       g_cold.store(false, std::memory_order_release);
+      g_warm.store(false, std::memory_order_release);
       bool more = false, more_empty = false, cold = false;
       // Above the soft limit set through the telemetry page: no delay.
       purge_all(telemetry_over_soft_limit(), &more, &more_empty, &cold);
@@ -173,11 +177,53 @@ void purge_notify(bool emptied, bool cold) {
   if (EBB_UNLIKELY(g_state.load(std::memory_order_relaxed) == 0) && g_constructed) purger_start();
 }
 
+namespace {
+
+// The busy window. A program that frees a big structure and builds the next
+// one at once (a worker between two tasks, a loop rebuilding its data)
+// would have the freed pages purged and then faulted back in: a quarter of
+// the time of such a loop went there. So free spans stay resident, delay
+// or not, up to as many bytes as the program allocated (refills, all size
+// classes) in the last EBB_BUSY_WINDOW_MS: none once it has stopped
+// allocating for that long, which keeps the idle floor within about a
+// second. Purger-only state: samples of bins_taken() taken at its passes,
+// at most one per eighth of the window.
+constexpr unsigned kSamples = 9;
+struct Sample {
+  uint64_t ms, taken;
+};
+Sample g_samples[kSamples];
+unsigned g_nsamples = 0;
+
+uint64_t busy_window_bytes(uint64_t now) {
+  const uint64_t window = g_options.busy_window_ms;
+  if (window == 0) return 0;
+  const uint64_t taken = bins_taken();
+  if (g_nsamples == 0 || now - g_samples[g_nsamples - 1].ms >= window / (kSamples - 1)) {
+    if (g_nsamples == kSamples) {
+      for (unsigned i = 1; i < kSamples; i++) g_samples[i - 1] = g_samples[i];
+      g_nsamples--;
+    }
+    g_samples[g_nsamples++] = {now, taken};
+  }
+  // Since the newest sample at least a window old; the oldest if none is.
+  const Sample* base = &g_samples[0];
+  for (unsigned i = 0; i < g_nsamples; i++)
+    if (now - g_samples[i].ms >= window) base = &g_samples[i];
+  return taken - base->taken;
+}
+
+}  // namespace
+
 size_t purge_all(bool force, bool* pending, bool* empty_pending, bool* cold_purged) {
   uint64_t now = os::now_ms();
   bool ignored = false, ignored_cold = false;
-  size_t bytes = bins_purge(now, force, pending, empty_pending != nullptr ? empty_pending : &ignored,
-                            cold_purged != nullptr ? cold_purged : &ignored_cold);
+  const uint64_t warm = force ? 0 : busy_window_bytes(now);
+  bool kept = false;
+  size_t bytes = bins_purge(now, force, warm, pending, empty_pending != nullptr ? empty_pending : &ignored,
+                            cold_purged != nullptr ? cold_purged : &ignored_cold, &kept);
+  // What the window keeps is looked at again as the window moves.
+  if (kept) g_warm.store(true, std::memory_order_release);
   bytes += segments_release(now, force);
   bytes += large_release(now, force, pending);
   return bytes;
@@ -194,6 +240,7 @@ void purger_after_fork_child() {
   g_pending.store(true, std::memory_order_relaxed);
   g_empty.store(false, std::memory_order_relaxed);
   g_cold.store(false, std::memory_order_relaxed);
+  g_warm.store(false, std::memory_order_relaxed);
   g_wake.store(0, std::memory_order_relaxed);
 }
 

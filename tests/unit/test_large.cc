@@ -123,17 +123,67 @@ TEST(Large, SlackIsUnmappedAtOnceWithoutAPurgerOrBeyondTheCacheBudget) {
   ebb::g_options.background = true;
   EXPECT_EQ(first_wrong(p, 200 * KiB, 13), 200 * KiB);
   free(p);
-  // Slack counts against EBB_LARGE_CACHE_MB.
+  // EBB_LARGE_CACHE_MB=0: no cache, no slack.
   const uint32_t saved_cache = ebb::g_options.large_cache_mb;
-  ebb::g_options.large_cache_mb = 4;
+  ebb::g_options.large_cache_mb = 0;
   p = malloc(8 * MiB);
   fill(p, 8 * MiB, 14);
   before = mapped_bytes();
   ASSERT_EQ(realloc(p, 200 * KiB), p);
-  EXPECT_LE(mapped_bytes() + 7 * MiB, before) << "7.8 MiB of slack against a 4 MiB budget";
-  ebb::g_options.large_cache_mb = saved_cache;
+  EXPECT_LE(mapped_bytes() + 7 * MiB, before) << "no slack with EBB_LARGE_CACHE_MB=0";
   EXPECT_EQ(first_wrong(p, 200 * KiB, 14), 200 * KiB);
+  before = mapped_bytes();
   free(p);
+  EXPECT_LT(mapped_bytes(), before) << "nor a cache";
+  ebb::g_options.large_cache_mb = saved_cache;
+}
+
+// The cache holds as much as was live at the recent peak, not a fixed
+// 32 MiB: twenty 6 MiB buffers freed at once are all kept, and reused.
+TEST(Large, CacheIsSizedByTheRecentPeakOfLiveBlocks) {
+  Delays long_delays(60000);
+  ebb_trim();
+  constexpr int kBlocks = 20;
+  void* p[kBlocks];
+  for (auto& b : p) {
+    b = malloc(6 * MiB);
+    ASSERT_NE(b, nullptr);
+    memset(b, 1, 6 * MiB);
+  }
+  const uint64_t mapped = mapped_bytes();
+  for (auto* b : p) free(b);
+  EXPECT_EQ(mapped_bytes(), mapped) << "120 MiB kept, above the 32 MiB floor";
+  for (auto& b : p) {
+    b = malloc(6 * MiB);
+    ASSERT_NE(b, nullptr);
+  }
+  EXPECT_EQ(mapped_bytes(), mapped) << "and all reused";
+  for (auto* b : p) free(b);
+  ebb_trim();
+  EXPECT_LE(mapped_bytes() + 100 * MiB, mapped) << "trim empties the cache";
+}
+
+// No cached block is big enough: the biggest grows (mremap), so its resident
+// pages are reused, and calloc still returns zeroes in the old part and the
+// new.
+TEST(Large, BiggestCachedBlockGrowsWhenNoneIsBigEnough) {
+  Delays long_delays(60000);
+  ebb_trim();
+  void* a = malloc(4 * MiB);
+  ASSERT_NE(a, nullptr);
+  memset(a, 0xab, 4 * MiB);
+  free(a);
+  const uint64_t mapped = mapped_bytes();
+  auto* c = static_cast<unsigned char*>(calloc(1, 10 * MiB));
+  ASSERT_NE(c, nullptr);
+  EXPECT_LE(mapped_bytes(), mapped + 6 * MiB + 64 * KiB) << "the 4 MiB block grew by 6 MiB";
+  size_t nonzero = 0;
+  for (size_t i = 0; i < 10 * MiB; i++) nonzero += c[i] != 0;
+  EXPECT_EQ(nonzero, 0u);
+  EXPECT_EQ(malloc_usable_size(c), 10 * MiB);
+  fill(c, 10 * MiB, 9);
+  EXPECT_EQ(first_wrong(c, 10 * MiB, 9), 10 * MiB);
+  free(c);
 }
 
 TEST(Large, BlocksAlignedTo4MiBCanShrinkAndBeFreed) {
