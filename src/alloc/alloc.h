@@ -52,7 +52,9 @@ EBB_INLINE Span* checked_span(SegmentHeader* h, const void* p, const char* what)
 // registers: a key that says "already free" (checked, then freed), and
 // everything that is not a small object (nullptr, large, foreign pointers).
 EBB_NOINLINE void free_suspect(Span* s, FreeObj* o, const char* what);
-EBB_NOINLINE void dealloc_other(void* p);
+EBB_NOINLINE void dealloc_other(void* p, const char* what);
+// p is in no segment and no large block: accepted, or aborts (foreign.cc).
+void check_foreign_free(const void* p, const char* what);
 
 // Marks o free and puts it in this thread's cache of class cls.
 EBB_INLINE void cache_push(unsigned cls, FreeObj* o) {
@@ -80,7 +82,7 @@ EBB_INLINE void dealloc(void* p, const char* what) {
   // registered one needs no bounds check and no look at its header.
   const uintptr_t seg = reinterpret_cast<uintptr_t>(p) & ~kSegmentMask;
   if (EBB_LIKELY(registry_has(seg))) return free_small(reinterpret_cast<SegmentHeader*>(seg), p, what);
-  dealloc_other(p);
+  dealloc_other(p, what);
 }
 
 void* alloc_aligned(size_t align, size_t size);  // align: a power of two

@@ -29,10 +29,10 @@ void free_suspect(Span* s, FreeObj* o, const char* what) {
   cache_push(cls, o);
 }
 
-void dealloc_other(void* p) {
+void dealloc_other(void* p, const char* what) {
   if (p == nullptr) return;
-  SegmentHeader* h = segment_of_large(p);  // not in a small segment: dealloc() looked
-  if (h == nullptr) return;                // not ours (e.g. from the loader before libebb): leave it
+  SegmentHeader* h = segment_of_large(p);                // not in a small segment: dealloc() looked
+  if (h == nullptr) return check_foreign_free(p, what);  // the loader's, left alone, or a bug
   large_free(h, p);
 }
 

@@ -62,9 +62,9 @@ def test_celery_prefork_children_recycled_with_every_task_exactly_once(fleet, re
     twice = [i for i in range(tasks) if started.get(i, 0) != 1 or done.get(i, 0) > 1]
     print(f"acks_late={acks_late}: {len(done)}/{tasks} done, {len(lost)} lost, {len(twice)} repeated, "
           f"{len(recycles)} recycles")
-    # A recycled pool process can take seconds to exit (the jobs already sent to
-    # it run first), and the 400 tasks take about 15 s: a few recycles, not many.
-    assert len(recycles) >= 3, log[-3000:]
+    # Two at a time: a recycled pool process can take seconds to exit (the jobs
+    # already sent to it run first), and one at a time made 3 in a CI run.
+    assert len(recycles) >= 5, log[-3000:]
     assert all(r["message"].count("SIGINT") == 1 for r in recycles)
     assert not lost and not twice, (lost, twice)
     assert "WorkerLostError" not in log and "exited with 'signal" not in log, log[-3000:]

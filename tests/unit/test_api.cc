@@ -2,9 +2,12 @@
 #include <errno.h>
 #include <gtest/gtest.h>
 #include <malloc.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/auxv.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -212,13 +215,19 @@ TEST(UsableSize, NullAndForeignPointersAreZero) {
   EXPECT_EQ(malloc_usable_size(not_ours), 0u);
 }
 
-TEST(Foreign, FreeOfMemoryEbbDidNotHandOutIsIgnored) {
-  static char data[256];
-  char stack[32];
-  free(data);
-  free(stack);
+// Anonymous memory and the loader's mappings may hold blocks the loader's
+// own malloc handed out before libebb's was bound: left alone (foreign.cc).
+TEST(Foreign, FreeOfAnonymousOrLoaderMemoryIsIgnored) {
+  void* m = mmap(nullptr, 1 << 16, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  ASSERT_NE(m, MAP_FAILED);
+  auto* data = static_cast<char*>(m) + 4096;
   strcpy(data, "foreign");
+  free(data);
   EXPECT_STREQ(data, "foreign");
+  munmap(m, 1 << 16);
+  auto* loader = reinterpret_cast<char*>(getauxval(AT_BASE));  // where the kernel mapped ld-linux
+  ASSERT_NE(loader, nullptr);
+  free(opaque(loader + 64));
 }
 
 TEST(Foreign, ReallocCopiesWhatCanBeReadAndLeavesTheOldBlock) {
@@ -242,6 +251,48 @@ TEST(MallocTrim, ReturnsOneWhenItReleasedMemory) {
 TEST(Version, NamesEbb) { EXPECT_EQ(strncmp(ebb_version(), "ebb ", 4), 0); }
 
 // ---- bad input aborts with a one-line message ------------------------------
+
+// Stray frees: the stack, another thread's stack, a string literal, an
+// initialised global, an address nothing maps (foreign.cc).
+TEST(BadInputDeathTest, FreeOfAStackAddress) {
+  EXPECT_DEATH(
+      {
+        char local[32];
+        free(opaque(local));
+      },
+      "^ebb: free\\(\\): invalid pointer \\(on the stack\\) 0x[0-9a-f]+\n");
+}
+
+void* park(void* arg) {
+  char local[64];
+  *static_cast<void* volatile*>(arg) = local;
+  pause();  // until the process ends
+  return nullptr;
+}
+
+TEST(BadInputDeathTest, FreeOfAnotherThreadsStack) {
+  EXPECT_DEATH(
+      {
+        void* volatile where = nullptr;
+        pthread_t t;
+        pthread_create(&t, nullptr, park, const_cast<void**>(&where));
+        while (where == nullptr) usleep(1000);
+        free(where);
+      },
+      "^ebb: free\\(\\): invalid pointer \\(on a thread stack\\) 0x[0-9a-f]+\n");
+}
+
+int g_initialised = 42;
+
+TEST(BadInputDeathTest, FreeOfAGlobalOrALiteral) {
+  EXPECT_DEATH(free(opaque(&g_initialised)), "^ebb: free\\(\\): invalid pointer \\(in a file mapping\\) 0x[0-9a-f]+\n");
+  EXPECT_DEATH(operator delete(opaque(const_cast<char*>("a literal"))),
+               "^ebb: operator delete\\(\\): invalid pointer \\(in a file mapping\\) 0x[0-9a-f]+\n");
+}
+
+TEST(BadInputDeathTest, FreeOfAnUnmappedAddress) {
+  EXPECT_DEATH(free(opaque(reinterpret_cast<void*>(1))), "^ebb: free\\(\\): invalid pointer \\(not mapped\\) 0x1\n");
+}
 
 TEST(BadInputDeathTest, DoubleFreeOfSmallObject) {
   EXPECT_DEATH(
