@@ -18,7 +18,7 @@ Variants (interleaved over --rounds rounds, order reversed every other one):
   glibc:    python3 -m celery -A app worker --pool prefork --concurrency 4
   jemalloc: the same with LD_PRELOAD=libjemalloc.so.2
   celery-max-memory: the same with --max-memory-per-child LIMIT
-  ebb:      ebb run --children --hard-limit LIMIT --metric rss
+  ebb:      ebb run --children --hard-limit LIMIT --metric rss (--ebb-metric)
               -- python3 -m ebb.celery -A app worker ... (libebb in every process)
 
 Per run: mean and peak fleet PSS, GB*s (the PSS integrated over the run),
@@ -98,7 +98,7 @@ def command(variant, args):
         env.pop(k, None)
     if variant == "ebb":
         env["EBB_LIB"] = args.lib
-        return [args.ebb, "run", "--children", "--hard-limit", args.limit, "--metric", "rss", "--",
+        return [args.ebb, "run", "--children", "--hard-limit", args.limit, "--metric", args.ebb_metric, "--",
                 PY, "-m", "ebb.celery", *worker], env
     cmd = [PY, "-m", "celery", *worker]
     if variant == "jemalloc":
@@ -197,6 +197,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--limit", default="150M", help="a pool process's limit: ebb's --hard-limit (RSS) and "
                     "Celery's --max-memory-per-child (default: 150M)")
+    ap.add_argument("--ebb-metric", default="rss", choices=["rss", "pss", "uss"],
+                    help="what ebb's --hard-limit measures (default: rss; Celery's limit reads ru_maxrss, "
+                    "the peak RSS, which a pool process inherits from the master)")
     ap.add_argument("--chart", help="write the SVG chart of fleet PSS over time (first round) here")
     ap.add_argument("--json", help="write every run, samples included, here")
     args = ap.parse_args()

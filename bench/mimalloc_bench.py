@@ -6,7 +6,7 @@ and give its checkout's path.  This script builds the suite's `bench/`
 directory with its own CMakeLists (into --build), then runs each program
 under each allocator, round after round, the allocators interleaved within
 a round, pinned to the CPUs of --cpu.  Per run it reads wall time, user and
-system time, minor page faults and peak RSS (wait4's rusage), and for larson and xmalloc-test
+system time and minor page faults (wait4's rusage), and peak RSS (VmHWM, polled every 2 ms), and for larson and xmalloc-test
 the throughput they print.  It prints one JSON line per run and a markdown
 table of medians, with each allocator's ratio to the first one named.
 
@@ -68,10 +68,12 @@ def run_once(cmd, env, cpus, stdin_path, timeout):
     with tempfile.TemporaryFile("w+") as out, open(stdin_path or os.devnull) as stdin:
         start = time.monotonic()
         p = subprocess.Popen(cmd, env=env, stdin=stdin, stdout=out, stderr=subprocess.STDOUT)
+        hwm = 0  # VmHWM: ru_maxrss also holds the harness's own peak (vfork before exec)
         while True:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 break
+            hwm = max(hwm, vm_hwm_kb(p.pid))
             if time.monotonic() - start > timeout:
                 p.kill()
                 os.wait4(p.pid, 0)
@@ -84,7 +86,18 @@ def run_once(cmd, env, cpus, stdin_path, timeout):
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(f"exit status {code}: {text.strip()[-300:]}")
-    return wall, usage, text
+    return wall, usage, text, hwm
+
+
+def vm_hwm_kb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def main():
@@ -121,13 +134,13 @@ def main():
             order = allocators if rnd % 2 == 0 else allocators[::-1]  # interleaved, alternating order
             for name, env in order:
                 try:
-                    wall, usage, out = run_once(cmd, env, a.cpu, stdin, a.timeout)
+                    wall, usage, out, hwm = run_once(cmd, env, a.cpu, stdin, a.timeout)
                 except RuntimeError as e:
                     print(json.dumps({"program": prog, "allocator": name, "round": rnd, "error": str(e)}), flush=True)
                     continue
                 run = {"program": prog, "allocator": name, "round": rnd, "wall_s": round(wall, 3),
                        "user_s": round(usage.ru_utime, 3), "sys_s": round(usage.ru_stime, 3),
-                       "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "faults": usage.ru_minflt}
+                       "peak_rss_mb": round(hwm / 1024, 1), "faults": usage.ru_minflt}
                 m = THROUGHPUT.get(prog) and THROUGHPUT[prog].search(out)
                 if m:
                     run["throughput"] = float(m.group(1))

@@ -13,12 +13,16 @@
 //   thread stack, the brk heap, or any mapping of the dynamic loader;
 // - aborted with the one-line message: no mapping, the caller's own stack
 //   (the mapping that holds this function's frame), another thread's stack
-//   (anonymous read-write right above an inaccessible guard page, as
+//   (anonymous read-write right above an inaccessible guard of at most
+//   1 MiB, as
 //   pthread_create maps them), [stack], [vdso] and the like, and any other
 //   file's mapping (a program's or a library's code, constants or globals).
 // When /proc cannot be read (no /proc in a container, out of descriptors),
 // the pointer is accepted, as before.
+#include <errno.h>
 #include <fcntl.h>
+#include <sys/auxv.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -85,21 +89,22 @@ struct Lookup {
 };
 
 bool lookup(uintptr_t a, Lookup* out) {
-  int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  // Raw syscalls: no cancellation point and no interposed open() inside free().
+  const long fd = syscall(SYS_openat, AT_FDCWD, "/proc/self/maps", O_RDONLY | O_CLOEXEC);
   if (fd < 0) return false;
-  char buf[4096];
-  char line[512];
+  char buf[1024];
+  char line[320];
   size_t len = 0;
   Mapping prev;
   bool have_prev = false, ok = true;
   for (;;) {
-    ssize_t n = read(fd, buf, sizeof buf);
+    const long n = syscall(SYS_read, fd, buf, sizeof buf);
     if (n < 0) {
       ok = false;
       break;
     }
     if (n == 0) break;
-    for (ssize_t i = 0; i < n && !out->found; i++) {
+    for (long i = 0; i < n && !out->found; i++) {
       if (buf[i] != '\n') {
         if (len < sizeof line - 1) line[len++] = buf[i];
         continue;
@@ -119,27 +124,47 @@ bool lookup(uintptr_t a, Lookup* out) {
     }
     if (out->found) break;
   }
-  close(fd);
+  syscall(SYS_close, fd);
   return ok;
 }
 
-bool is_loader(const char* name) { return strncmp(name, "ld-linux", 8) == 0; }
+// The dynamic loader's file, whatever it is called (ld-linux-x86-64.so.2,
+// ld-2.31.so, ld64.so.2): the one mapped where the kernel put the
+// interpreter (AT_BASE).
+bool is_loader(const Mapping& m) {
+  if (m.anonymous) return false;
+  const uintptr_t base = getauxval(AT_BASE);
+  Lookup at;
+  if (base != 0 && lookup(base, &at) && at.found) return strcmp(at.hit.name, m.name) == 0;
+  return strncmp(m.name, "ld-", 3) == 0 || strncmp(m.name, "ld64", 4) == 0;
+}
+
+// glibc maps a thread's stack with its guard (one page by default) at the
+// low end; a bigger inaccessible mapping below is a reservation (glibc's
+// own malloc arenas end in one), not a guard.
+constexpr uintptr_t kMaxGuard = uintptr_t{1} << 20;
 
 }  // namespace
 
 void check_foreign_free(const void* p, const char* what) {
+  const int saved_errno = errno;  // free() leaves errno alone
   const auto a = reinterpret_cast<uintptr_t>(p);
   Lookup at;
-  if (!lookup(a, &at)) return;
+  const bool read = lookup(a, &at);
+  errno = saved_errno;
+  if (!read) return;
   if (!at.found) os::fatal_pointer(what, "invalid pointer (not mapped)", p);
   const Mapping& m = at.hit;
-  if (is_loader(m.name)) return;  // the loader's own allocations, from before libebb was bound
+  if (is_loader(m)) {  // the loader's own allocations, from before libebb was bound
+    errno = saved_errno;
+    return;
+  }
   const auto frame = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
   if (frame >= m.start && frame < m.end) os::fatal_pointer(what, "invalid pointer (on the stack)", p);
   const bool unnamed = m.name[0] == 0 || strncmp(m.name, "[anon:", 6) == 0;  // named with prctl (Linux 5.17)
   if (m.anonymous && unnamed && m.readable && m.writable) {
     const Mapping& g = at.below;
-    const bool guard = at.below_adjacent && g.anonymous && !g.readable && !g.writable;
+    const bool guard = at.below_adjacent && g.anonymous && !g.readable && !g.writable && g.end - g.start <= kMaxGuard;
     if (guard) os::fatal_pointer(what, "invalid pointer (on a thread stack)", p);
     return;  // anonymous memory: the loader's minimal malloc maps its blocks so
   }

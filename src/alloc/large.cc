@@ -59,9 +59,11 @@ void note_live(uint64_t live) {
 // no cache and no slack at all.
 uint64_t budget() {
   const uint64_t floor = uint64_t{g_options.large_cache_mb} << 20;
-  if (floor == 0) return 0;
+  // Without a purger nothing would reset the peak or unmap the cache:
+  // the floor only, as a fixed cache.
+  if (floor == 0 || !purger_available()) return floor;
   // Each block maps up to two pages more than its object: header, rounding.
-  const uint64_t peak = g_live_peak.load(std::memory_order_relaxed) + 2 * kCacheSlots * kPageSize;
+  const uint64_t peak = g_live_peak.load(std::memory_order_relaxed) + uint64_t{2} * kCacheSlots * kPageSize;
   return peak > floor ? peak : floor;
 }
 
@@ -210,6 +212,7 @@ SegmentHeader* cache_take(size_t need, size_t offset, size_t size, bool* slack, 
   SegmentHeader* grown = grow_mapping(h, need);  // outside the lock: it may move pages for a while
   if (grown == nullptr) {
     unmap_block(h);
+    *dirty = 0;  // a fresh mapping follows: nothing of it to zero
     return nullptr;
   }
   grown->offset = offset;
@@ -324,7 +327,7 @@ void* large_realloc(SegmentHeader* h, void* p, size_t size) {
     if (in_place) {
       // Grow into the slack, or shrink and leave slack behind: it waits for
       // the purger when it is worth a syscall and the table has room.
-      g_counters.large_live.fetch_add(size - h->request, std::memory_order_relaxed);
+      note_live(g_counters.large_live.fetch_add(size - h->request, std::memory_order_relaxed) + size - h->request);
       h->request = size;
       if (h->map_size - need >= 16 * kPageSize) {
         notify = slack_add(h);

@@ -241,6 +241,7 @@ void purger_after_fork_child() {
   g_empty.store(false, std::memory_order_relaxed);
   g_cold.store(false, std::memory_order_relaxed);
   g_warm.store(false, std::memory_order_relaxed);
+  g_nsamples = 0;  // the parent's allocations are not the child's
   g_wake.store(0, std::memory_order_relaxed);
 }
 

@@ -21,7 +21,9 @@ void Fleet::discover_children(const proc::ChildMap& children) {
   for (auto it = range.first; it != range.second; ++it) {
     pid_t pid = it->second;
     if (workers_.count(pid)) continue;
-    if (handover_.from == master) continue;  // the new master (master_restart.cc), not a worker
+    // During a handover, not yet: one of them is the new master, which
+    // shows as such only once it has exec'd (master_restart.cc).
+    if (handover_.from == master) continue;
     const Worker& w = add_worker(next_child_id_++, pid);
     log_.event("adopt", fmt_worker(w.id, pid) + " found (a child of the master)", {{"worker", w.id}, {"pid", pid}});
   }

@@ -62,6 +62,7 @@ struct Slot {
 };
 
 uint64_t process_memory(pid_t pid, Metric m);
+bool successor_of(pid_t pid, pid_t old_master);  // gunicorn's new master of a USR2 (master_restart.cc)
 
 class Fleet {
  public:

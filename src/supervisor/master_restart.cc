@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "fleet.h"
 
@@ -43,6 +44,50 @@ std::vector<pid_t> children_of(pid_t parent, const proc::ChildMap& children) {
 }
 
 bool contains(const std::vector<pid_t>& v, pid_t pid) { return std::find(v.begin(), v.end(), pid) != v.end(); }
+
+}  // namespace
+
+// gunicorn's re-exec starts the new master with GUNICORN_PID=<old master>
+// in its environment; a worker the old master forks, or a helper a worker
+// runs, has no such entry. Its workers inherit it, but they are its children.
+// Seen between its exec and its first setproctitle() only (which writes the
+// title over the environment's memory); after that, its title tells
+// (titled_like). ebb keeps the pid it found.
+bool successor_of(pid_t pid, pid_t old_master) {
+  FILE* f = fopen(("/proc/" + std::to_string(pid) + "/environ").c_str(), "re");
+  if (f == nullptr) return false;
+  const std::string want = "GUNICORN_PID=" + std::to_string(old_master);
+  std::string entry;
+  bool found = false;
+  for (int c; !found && (c = fgetc(f)) != EOF;) {
+    if (c != 0) {
+      entry.push_back(static_cast<char>(c));
+      continue;
+    }
+    found = entry == want;
+    entry.clear();
+  }
+  fclose(f);
+  return found || entry == want;
+}
+
+namespace {
+
+std::string cmdline(pid_t pid) {
+  std::string s;
+  if (FILE* f = fopen(("/proc/" + std::to_string(pid) + "/cmdline").c_str(), "re")) {
+    for (int c; (c = fgetc(f)) != EOF;) s.push_back(static_cast<char>(c));
+    fclose(f);
+  }
+  return s;
+}
+
+// After setproctitle() the new master's title is the old one's ("gunicorn:
+// master [app]"), where its workers' read "gunicorn: worker [app]".
+bool titled_like(pid_t pid, pid_t old_master) {
+  const std::string a = cmdline(pid);
+  return !a.empty() && a == cmdline(old_master);
+}
 
 }  // namespace
 
@@ -85,11 +130,12 @@ void Fleet::continue_handover(const proc::ChildMap& children) {
   }
   if (h.to == 0)
     for (pid_t c : ours)
-      if (!contains(h.before, c) && !workers_.count(c) && children.count(c) > 0) h.to = c;
+      if (!contains(h.before, c) && !workers_.count(c) &&
+          (successor_of(c, h.from) || (children.count(c) > 0 && titled_like(c, h.from))))
+        h.to = c;
   if (shutting_down_) {
     // ebb stops during a handover: the new master must not outlive it.
-    for (pid_t c : ours)
-      if (!contains(h.before, c)) stop_stray(c, "shutdown");
+    if (h.to > 0) stop_stray(h.to, "shutdown");
     return;
   }
   if (old->second.stopping) return;  // SIGTERM sent: its exit completes the handover
@@ -110,9 +156,9 @@ void Fleet::continue_handover(const proc::ChildMap& children) {
     stop(old->second, "hard limit");
     return;
   }
-  if (now - h.started > kHandoverTimeoutS)
+  if (now - h.started > kHandoverTimeoutS + o_.min_uptime_s)
     handover_failed("no new master ran its workers for " + seconds(o_.min_uptime_s) + " within " +
-                        seconds(kHandoverTimeoutS) + " of SIGUSR2",
+                        seconds(kHandoverTimeoutS + o_.min_uptime_s) + " of SIGUSR2",
                     children);
 }
 
@@ -130,7 +176,7 @@ void Fleet::handover_failed(const std::string& why, const proc::ChildMap& childr
       master_label(h.from) + ": " + why + "; the old one stays, next try in " + seconds(wait) + " at the earliest",
       {{"pid", h.from}, {"successor", h.to}, {"failures", handover_failures_}});
   for (pid_t c : children_of(h.from, children))
-    if (!contains(h.before, c)) stop_stray(c, "failed handover");
+    if (!contains(h.before, c) && (c == h.to || successor_of(c, h.from))) stop_stray(c, "failed handover");
 }
 
 // A process ebb did not start, and must not leave behind: followed and
@@ -147,19 +193,18 @@ void Fleet::stop_stray(pid_t pid, const std::string& reason) {
 // The old master of a handover exited. True when the new one took its
 // place (nothing to restart). A subreaper, ebb is now the parent of what
 // the old master left: the new master, seen or not yet (the old one may
-// have been killed, or have died by itself).
+// have been killed, or have died by itself). Other orphans are left alone.
 bool Fleet::handed_over(pid_t old_master, int status) {
   pid_t to = handover_.to;
   handover_ = {};
   auto mine = proc::children_by_parent();
-  std::vector<pid_t> orphans;
+  std::vector<pid_t> orphans;  // new masters the old one started (one, normally)
   for (pid_t c : children_of(getpid(), mine))
-    if (!workers_.count(c) && !(zygote_ && zygote_->pid() == c) && !(next_zygote_ && next_zygote_->pid() == c))
-      orphans.push_back(c);
+    if (!workers_.count(c) && (c == to || successor_of(c, old_master))) orphans.push_back(c);
   if (!contains(orphans, to)) to = 0;
   if (to == 0)
     for (pid_t c : orphans)
-      if (mine.count(c) > 0) to = c;
+      if (to == 0 || mine.count(c) > 0) to = c;
   auto slot = std::find_if(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.pid == old_master; });
   for (pid_t c : orphans)
     if (c != to || shutting_down_ || slot == slots_.end()) stop_stray(c, shutting_down_ ? "shutdown" : "orphan");

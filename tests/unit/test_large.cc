@@ -174,9 +174,11 @@ TEST(Large, BiggestCachedBlockGrowsWhenNoneIsBigEnough) {
   memset(a, 0xab, 4 * MiB);
   free(a);
   const uint64_t mapped = mapped_bytes();
+  const uint64_t unmapped = ebb::g_counters.unmapped_total.load();
   auto* c = static_cast<unsigned char*>(calloc(1, 10 * MiB));
   ASSERT_NE(c, nullptr);
   EXPECT_LE(mapped_bytes(), mapped + 6 * MiB + 64 * KiB) << "the 4 MiB block grew by 6 MiB";
+  EXPECT_EQ(ebb::g_counters.unmapped_total.load(), unmapped) << "grown, not unmapped and mapped anew";
   size_t nonzero = 0;
   for (size_t i = 0; i < 10 * MiB; i++) nonzero += c[i] != 0;
   EXPECT_EQ(nonzero, 0u);
