@@ -43,7 +43,7 @@ import threading
 import time
 
 from charts import line_chart
-from procs import free_port
+from procs import free_port, proc_kb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(REPO, "bench", "celery_fleet")
@@ -80,14 +80,7 @@ def tree(pid):
 
 
 def pss_kb(pid):
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return proc_kb(pid, "smaps_rollup", "Pss:")
 
 
 def command(variant, args):

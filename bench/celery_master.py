@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from procs import children, free_port
+from procs import children, free_port, proc_kb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(REPO, "bench", "celery_master")
@@ -40,14 +40,7 @@ PY = "/usr/bin/python3"
 
 
 def rss(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_kb(pid, "status", "VmRSS:") * 1024
 
 
 def document(rng, size):

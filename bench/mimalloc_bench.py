@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from allocators import resolve  # noqa: E402
+from procs import proc_kb  # noqa: E402
 
 # program -> (binary, arguments; {t} is the thread count, {suite} the checkout)
 PROGRAMS = {
@@ -90,14 +91,7 @@ def run_once(cmd, env, cpus, stdin_path, timeout):
 
 
 def vm_hwm_kb(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return proc_kb(pid, "status", "VmHWM:")
 
 
 def main():

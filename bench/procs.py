@@ -9,6 +9,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def proc_kb(pid, name, key):
+    """The kB figure of line `key` (e.g. "Pss:", "VmHWM:") of /proc/PID/<name>
+    (smaps_rollup, status); 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/{name}") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def children(pid):
     """The pids of `pid`'s children (its main thread's), [] once it is gone."""
     try:
