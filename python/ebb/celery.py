@@ -41,6 +41,16 @@ to the master and exits the way `--max-tasks-per-child` makes it exit
 by itself when it recognises `python3 -m ebb.celery` as the master.
 SIGTERM keeps billiard's meaning (revoke with terminate, cold shutdown).
 
+The master's own restart (`ebb run --children --master-hard-limit`): on
+DRAIN_SIGNAL (SIGUSR2) the master stops consuming, runs every task it has
+already taken from the broker (prefetched ones included), and only then
+shuts down warmly, while ebb has started its successor. A plain warm
+shutdown of a busy prefork master can hang: it stops the event loop that
+writes a job to a pool process in pieces, and the pool process then waits
+for the rest of the job while the master waits for it (docs/run.md). With
+nothing left to write, there is nothing to hang on. SIGUSR2 is Celery's
+remote-debugger signal only when CELERY_RDBSIG is set.
+
 For Celery's own prefork pool (teams not running `ebb run --preload`),
 `ebb.celery.freeze_before_fork()` keeps the app's memory shared between the
 pool's processes: call it at the top of the app module (see its docstring).
@@ -49,14 +59,20 @@ import gc
 import os
 import signal
 import sys
+import time
 
 from celery import bootsteps, signals
 from celery.worker import state
 
-__all__ = ["RECYCLE_SIGNAL", "freeze_before_fork", "install", "StopBetweenTasks"]
+__all__ = ["DRAIN_SIGNAL", "RECYCLE_SIGNAL", "freeze_before_fork", "install", "StopBetweenTasks"]
 
 # What `ebb run --children` sends a prefork pool process it recycles.
 RECYCLE_SIGNAL = signal.SIGINT
+# What it sends the master it restarts above --master-hard-limit.
+DRAIN_SIGNAL = signal.SIGUSR2
+DRAIN_POLL_S = 0.2  # how often the event loop looks at the drain
+
+_drain = {"asked": False, "since": None}
 
 
 def _request_stop(signum, frame):
@@ -67,19 +83,56 @@ def _request_stop(signum, frame):
     state.should_stop = 0  # exit status 0
 
 
+def _request_drain(signum, frame):
+    # Only a flag: the event loop's timer does the work (_drain_tick), out of
+    # any kombu or billiard code the signal may have interrupted.
+    _drain["asked"] = True
+
+
+def _drain_tick(c):
+    if not _drain["asked"] or state.should_stop not in (None, False):
+        return
+    consumer = getattr(c, "task_consumer", None)
+    if consumer is not None:
+        # Each tick: a consumer Celery restarted (lost connection) consumes again.
+        # A message a BRPOP already took is put back by kombu: no consumer is left for it.
+        consumer.cancel()
+    if _drain["since"] is None:
+        _drain["since"] = time.monotonic()
+        os.write(2, f"worker: ebb.celery: draining (no new task; {len(state.reserved_requests)} taken "
+                 "still to run), then warm shutdown\n".encode())
+        return
+    if state.reserved_requests or state.active_requests:
+        return  # what the master took runs first: nothing is half written to a pool process at shutdown
+    os.write(2, f"worker: ebb.celery: drained in {time.monotonic() - _drain['since']:.1f}s; "
+             "warm shutdown\n".encode())
+    state.should_stop = 0
+
+
 class StopBetweenTasks(bootsteps.StartStopStep):
     """Consumer step: installs the handlers once Celery has installed its own."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
+    def __init__(self, c, **kwargs):
+        super().__init__(c, **kwargs)
+        self.tick = None
+
     def start(self, c):
         try:
             signal.signal(signal.SIGTERM, _request_stop)
             signal.signal(signal.SIGINT, _request_stop)
+            signal.signal(DRAIN_SIGNAL, _request_drain)
         except ValueError:  # not the main thread: keep Celery's handlers
-            pass
+            return
+        if self.tick is None and getattr(c, "timer", None) is not None:
+            # The consumer's timer is the event loop's (prefork) or its own thread (solo).
+            self.tick = c.timer.call_repeatedly(DRAIN_POLL_S, _drain_tick, (c,))
 
     def stop(self, c):
+        if self.tick is not None:
+            self.tick.cancel()
+            self.tick = None
         # Stop consuming. If a BRPOP is still waiting for its reply on the
         # Redis channel, read it now: with no consumer left, kombu puts the
         # message back instead of dropping it with the connection. (kombu

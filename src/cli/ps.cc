@@ -130,8 +130,9 @@ int run_fleet(const PsOptions& o) {
     t.add(row);
   }
   for (const auto& w : (*j)["workers"]) {
-    std::vector<std::string> row = {w["state"] == "master" ? "master" : std::to_string(w["id"].get<int>()),
-                                    std::to_string(w["pid"].get<int>()), w["state"].get<std::string>()};
+    std::vector<std::string> row = {
+        w["state"] == "master" || w["state"] == "old master" ? "master" : std::to_string(w["id"].get<int>()),
+        std::to_string(w["pid"].get<int>()), w["state"].get<std::string>()};
     memory_cells(w, row, false);
     row.push_back(limit(w["soft_limit"].get<uint64_t>()));
     row.push_back(limit(w["hard_limit"].get<uint64_t>()));

@@ -46,6 +46,7 @@ struct Worker {
   bool killed = false;
   std::string stop_reason;
   bool recycle_refused = false;  // --children with no graceful stop signal: said once
+  bool old_master = false;       // a master draining after its successor started (master_restart.cc)
 };
 
 struct Slot {

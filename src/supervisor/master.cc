@@ -106,15 +106,17 @@ Master recognize_master(const std::vector<std::string>& command) {
     m.name = prog.empty() ? "unknown" : prog;
     m.note = "ebb does not know which signal its children finish their work on; name it with --stop-signal";
   }
-  if (m.kind == MasterKind::kCelery || m.kind == MasterKind::kEbbCelery) {
+  if (m.kind == MasterKind::kEbbCelery) m.drain_signal = SIGUSR2;  // python/ebb/celery.py
+  if (m.kind == MasterKind::kCelery) {
     // Measured with Celery 5.2 / billiard 4.1: the prefork master writes a
     // job to a pool process's pipe in pieces from its event loop; a warm
     // shutdown can stop the loop mid-job, and the pool process then waits
-    // for the rest while the master waits for it (docs/run.md).
+    // for the rest while the master waits for it (docs/run.md). ebb.celery
+    // drains first instead.
     m.restart_refused =
         "Celery's warm shutdown can hang with a job half written to a pool process (2 of 4 SIGTERMs to a "
         "busy prefork worker with 200 KB arguments; Celery 5.2), and a master killed after the grace loses "
-        "its tasks; ebb trims the master at --soft-limit/--hard-limit, but does not restart it";
+        "its tasks; start the worker as `python3 -m ebb.celery ...`, whose master drains first";
   }
   return m;
 }

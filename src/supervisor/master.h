@@ -27,6 +27,10 @@ struct Master {
   // (gunicorn's SIGUSR2) instead of stopping, then starting again.
   bool handover = false;
   std::string handover_note;  // why not, when it is a gunicorn that cannot
+  // --master-hard-limit: a signal on which the master stops taking work,
+  // finishes what it took and exits (ebb.celery's SIGUSR2), so its successor
+  // can start at once; 0: none.
+  int drain_signal = 0;
   // Why --master-hard-limit is refused for this master; empty: offered.
   std::string restart_refused;
 };

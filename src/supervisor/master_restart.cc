@@ -106,6 +106,21 @@ void Fleet::restart_master(Worker& w, const std::string& reason) {
     kill(w.pid, SIGUSR2);
     return;
   }
+  if (o_.master.drain_signal != 0) {
+    log_.event("restart",
+               text + "; " + signame(o_.master.drain_signal) +
+                   ": it runs the tasks it took, then exits; a new master starts now; grace " + seconds(o_.grace_s),
+               f);
+    w.stopping = true;
+    w.old_master = true;
+    w.stop_sent = now_s();
+    w.stop_reason = reason;
+    kill(w.pid, o_.master.drain_signal);
+    Slot& s = slots_[0];  // the old master is no longer the slot's: its exit restarts nothing
+    s.pid = 0;
+    start_slot(s, "replaces the master");
+    return;
+  }
   log_.event("restart", text + "; SIGTERM, then a new master, grace " + seconds(o_.grace_s), f);
   stop(w, reason);
 }

@@ -30,7 +30,10 @@ void Fleet::set_master_limits(Worker& w) const {
 }
 
 std::string Fleet::label(int id, pid_t pid) const {
-  return is_master(pid) ? "master [pid " + std::to_string(pid) + "]" : fmt_worker(id, pid);
+  if (is_master(pid)) return "master [pid " + std::to_string(pid) + "]";
+  auto it = workers_.find(pid);
+  if (it != workers_.end() && it->second.old_master) return "old master [pid " + std::to_string(pid) + "]";
+  return fmt_worker(id, pid);
 }
 
 Worker& Fleet::add_worker(int id, pid_t pid) {
@@ -119,9 +122,13 @@ void Fleet::log_start(const Slot& s, const std::string& why) {
   log_.event("start", text, f);
 }
 
-// A master is stopped with SIGTERM (its warm shutdown); its children and
+// A master is stopped with SIGTERM (its warm shutdown), an old master that
+// drains with its drain signal (master_restart.cc); its children and
 // every other worker with the stop signal.
-int Fleet::stop_signal_of(const Worker& w) const { return is_master(w.pid) ? SIGTERM : o_.stop_signal; }
+int Fleet::stop_signal_of(const Worker& w) const {
+  if (w.old_master) return o_.master.drain_signal;
+  return is_master(w.pid) ? SIGTERM : o_.stop_signal;
+}
 
 void Fleet::stop(Worker& w, const std::string& reason) {
   if (w.stopping) return;
@@ -186,7 +193,7 @@ void Fleet::on_exit(pid_t pid, int status) {
   workers_.erase(it);
   double now = now_s();
   double uptime = now - w.started;
-  const std::string who = label(w.id, pid);  // before the slot forgets it
+  const std::string who = w.old_master ? "old master [pid " + std::to_string(pid) + "]" : label(w.id, pid);
   std::string how = WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
                                       : "killed by " + signame(WTERMSIG(status));
   nlohmann::json f = {{"worker", w.id}, {"pid", pid}, {"uptime_s", uptime}};

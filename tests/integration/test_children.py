@@ -20,14 +20,15 @@ from test_run import APPS, FAST, PY, PYTHON_DIR, fleet, redis_url  # noqa: F401 
 WRK = "/usr/bin/wrk"
 
 
-def celery_prefork(fleet, redis_url, acks_late, options, entry="ebb.celery", tasks=400):  # noqa: F811
+def celery_prefork(fleet, redis_url, acks_late, options, entry="ebb.celery", tasks=400, env=None):  # noqa: F811
     """Queues `tasks` tasks that keep 1.5 MB each in their pool process (50 ms each), then
     runs a 4-process prefork worker under `ebb run --children` until every
     task is done (bounded) and stops it; returns (fleet, started, done) with
     per-id counts read from Redis."""
     import redis
     r = redis.Redis.from_url(redis_url)
-    env = {"EBB_TEST_REDIS": redis_url, "EBB_TEST_ACKS_LATE": "1" if acks_late else "0", "PYTHONPATH": PYTHON_DIR}
+    env = {"EBB_TEST_REDIS": redis_url, "EBB_TEST_ACKS_LATE": "1" if acks_late else "0", "PYTHONPATH": PYTHON_DIR,
+           **(env or {})}
     # The app reads its broker and acks_late at import: queue through a fresh import.
     queue = subprocess.run([PY, "-c", f"""
 import sys; sys.path.insert(0, {APPS!r})
@@ -71,6 +72,31 @@ def test_celery_prefork_children_recycled_with_every_task_exactly_once(fleet, re
     assert not f.of("kill"), "every recycled pool process finished within the grace"
     cfg = f.of("config")[0]
     assert cfg["master"] == "celery (python3 -m ebb.celery)" and cfg["stop_signal"] == "SIGINT"
+
+
+@pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "acks_late"])
+def test_celery_master_restarted_above_its_hard_limit_with_every_task_exactly_once(fleet, redis_url, acks_late):  # noqa: F811
+    """A Celery master that keeps 1 MB per task it receives (seed 002's growth),
+    with --master-hard-limit: ebb starts a new master, the old one (SIGUSR2,
+    ebb.celery) stops consuming, runs what it took and shuts down warmly."""
+    tasks = 400
+    f, started, done = celery_prefork(fleet, redis_url, acks_late, ["--master-hard-limit", "110M"], tasks=tasks,
+                                      env={"EBB_TEST_MASTER_KEEP": "1000000", "EBB_TEST_KEEP": "0"})
+    log = "".join(f.raw)
+    restarts = [r for r in f.of("restart") if r.get("master")]
+    drained = log.count("ebb.celery: drained in")
+    old_exits = [e for e in f.of("exit") if e["message"].startswith("old master")]
+    lost = [i for i in range(tasks) if done.get(i, 0) == 0]
+    twice = [i for i in range(tasks) if started.get(i, 0) != 1 or done.get(i, 0) > 1]
+    print(f"acks_late={acks_late}: {len(done)}/{tasks} done, {len(lost)} lost, {len(twice)} repeated, "
+          f"{len(restarts)} master restarts, {drained} drained, {len(old_exits)} old masters exited")
+    assert len(restarts) >= 2, log[-3000:]
+    assert all("SIGUSR2" in r["message"] for r in restarts)
+    assert drained >= 2 and len(old_exits) >= 2, log[-3000:]
+    assert all("exited with status 0" in e["message"] for e in old_exits), old_exits
+    assert not lost and not twice, (lost, twice)
+    assert "WorkerLostError" not in log and not f.of("kill"), log[-3000:]
+    assert len(f.of("start")) == len(restarts) + 1, "one new master per restart"
 
 
 def test_plain_celery_children_are_trimmed_never_recycled(fleet, redis_url):  # noqa: F811
@@ -243,11 +269,11 @@ def test_gunicorn_handover_that_fails_keeps_the_old_master(fleet, ebb_bin, tmp_p
     assert not left, left
 
 
-def test_master_hard_limit_refused_for_celery_and_without_children(ebb_bin):
-    """--master-hard-limit: one clear line and status 2 before anything starts."""
-    for command, expect in [(["--children", "--", PY, "-m", "ebb.celery", "-A", "app", "worker"],
-                             "Celery's warm shutdown can hang"),
-                            (["--children", "--", PY, "-m", "celery", "-A", "app", "worker"], "Celery's warm shutdown can hang"),
+def test_master_hard_limit_refused_for_plain_celery_and_without_children(ebb_bin):
+    """--master-hard-limit: one clear line and status 2 before anything starts
+    (plain `celery`: its warm shutdown can hang; ebb.celery drains first)."""
+    for command, expect in [(["--children", "--", PY, "-m", "celery", "-A", "app", "worker"],
+                             "start the worker as `python3 -m ebb.celery"),
                             (["--", PY, "-c", "pass"], "needs --children")]:
         p = subprocess.run([ebb_bin, "run", "--master-hard-limit", "100M", *command], capture_output=True, text=True,
                            timeout=30)

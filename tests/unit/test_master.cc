@@ -33,9 +33,13 @@ TEST(Master, GunicornHandsOverToANewMasterUnlessStartedWithDashM) {
   EXPECT_FALSE(recognize_master({"python3", "-m", "ebb.celery", "-A", "app", "worker"}).handover);
 }
 
-TEST(Master, CeleryMastersAreNeverRestartedForTheirMemory) {
-  EXPECT_NE(recognize_master({"python3", "-m", "ebb.celery", "-A", "app", "worker"}).restart_refused, "");
+TEST(Master, OnlyEbbCeleryMastersAreRestartedForTheirMemoryByADrain) {
+  Master ebb_celery = recognize_master({"python3", "-m", "ebb.celery", "-A", "app", "worker"});
+  EXPECT_EQ(ebb_celery.restart_refused, "");
+  EXPECT_EQ(ebb_celery.drain_signal, SIGUSR2);
   EXPECT_NE(recognize_master({"celery", "-A", "app", "worker"}).restart_refused, "");
+  EXPECT_EQ(recognize_master({"celery", "-A", "app", "worker"}).drain_signal, 0);
+  EXPECT_EQ(recognize_master({"gunicorn", "app:app"}).drain_signal, 0);
   EXPECT_EQ(recognize_master({"gunicorn", "app:app"}).restart_refused, "");
   EXPECT_EQ(recognize_master({"./server"}).restart_refused, "");
 }

@@ -6,17 +6,20 @@ counts its start and its completion per task id in two Redis hashes,
 or ran twice (two starts or two completions). Each call keeps about
 $EBB_TEST_KEEP bytes (default 1.5 MB, touched) in its pool process, so the
 pool's children grow until ebb recycles them. $EBB_TEST_ACKS_LATE=1 turns
-on task_acks_late (with task_reject_on_worker_lost).
+on task_acks_late (with task_reject_on_worker_lost). $EBB_TEST_MASTER_KEEP
+bytes (default 0) are kept by the master per task it receives, as a master
+fed large kwargs grows (seed 002).
 """
 import os
 import time
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 URL = os.environ["EBB_TEST_REDIS"]
 ACKS_LATE = os.environ.get("EBB_TEST_ACKS_LATE") == "1"
 KEEP = int(os.environ.get("EBB_TEST_KEEP", 1_500_000))
+MASTER_KEEP = int(os.environ.get("EBB_TEST_MASTER_KEEP", 0))
 
 app = Celery("celery_prefork_app", broker=URL)
 app.conf.update(
@@ -26,6 +29,12 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 kept = []  # the leak of the pool process: what each task keeps
+
+
+@signals.task_received.connect
+def _master_keeps(request=None, **kwargs):
+    if MASTER_KEEP:  # in the master: task_received is sent where messages arrive
+        kept.append(bytearray(MASTER_KEEP))
 results = redis.Redis.from_url(URL)
 
 
