@@ -24,7 +24,12 @@ Variants (interleaved over --rounds rounds, order reversed every other one):
 Per run: mean and peak fleet PSS, GB*s (the PSS integrated over the run),
 tasks/s (completed during --duration), tasks lost (queued, never done) and
 repeated (started or done more than once, from Redis), pool processes that
-were replaced, and whether the shutdown hung. Then medians per variant, and
+were replaced, and whether the shutdown hung; under ebb, the fleet's live and
+free-but-resident heap bytes (libebb's counters through `ebb ps`, every 5 s).
+The floor no allocator goes below is the idle fleet's PSS (read before the
+first task) plus the live heap the tasks add above the idle fleet's (sums of
+live bytes double-count what pool processes share with the master, so the
+idle live bytes are subtracted, not the idle PSS). Then medians per variant, and
 an SVG chart of fleet PSS over time (first round). Needs redis-server.
 Not part of `make test`.
 
@@ -135,17 +140,22 @@ def run_variant(variant, args, redis_url, seed):
     while len(tree(proc.pid)) < want and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(2)
+    # The idle fleet before any task: its PSS and its heaps' live bytes (ebb), the base of the floor.
+    idle_pss_kb = sum(pss_kb(p) for p in tree(proc.pid))
+    idle_live = heap_mb(args.ebb, proc.pid)[0] if variant == "ebb" else None
     stop, sent = threading.Event(), [0]
     producer = threading.Thread(target=produce, args=(job, r, seed, stop, sent))
     t0 = time.monotonic()
     producer.start()
-    samples, pool, master_kb = [], set(), []
+    samples, pool, master_kb, heaps = [], set(), [], []
     master = tree(proc.pid)[1] if variant == "ebb" else proc.pid  # ebb's child is the master
     while time.monotonic() - t0 < args.duration:
         pids = tree(proc.pid)
         pool.update(pids)
         samples.append((time.monotonic() - t0, sum(pss_kb(p) for p in pids)))
         master_kb.append(pss_kb(master))
+        if variant == "ebb" and len(samples) % 5 == 0:
+            heaps.append(heap_mb(args.ebb, proc.pid))
         time.sleep(max(0.0, 1.0 - (time.monotonic() - t0) % 1.0))
     done_in_time = r.hlen("done")
     stop.set()
@@ -177,7 +187,18 @@ def run_variant(variant, args, redis_url, seed):
             "lost": sum(1 for i in range(sent[0]) if done.get(i, 0) == 0),
             "repeated": sum(1 for i in range(sent[0]) if started.get(i, 0) > 1 or done.get(i, 0) > 1),
             "replaced": len(pool) - want, "shutdown_hung": hung,
-            "worker_lost_errors": text.count("WorkerLostError"), "samples": samples}
+            "worker_lost_errors": text.count("WorkerLostError"), "samples": samples,
+            # libebb's own view (ebb variant): what the fleet's heaps hold live, and free but still resident.
+            "heap_live_mb": statistics.mean(h[0] for h in heaps) if heaps else None,
+            "heap_free_mb": statistics.mean(h[1] for h in heaps) if heaps else None,
+            "idle_pss_mb": idle_pss_kb / 1024, "idle_live_mb": idle_live}
+
+
+def heap_mb(ebb, root):
+    """(live, free-resident) MB of the heaps of every libebb process under root, from `ebb ps`."""
+    p = subprocess.run([ebb, "ps", "--json", "--tree", str(root)], capture_output=True, text=True, timeout=30)
+    total = json.loads(p.stdout)["total"] if p.returncode == 0 else {"heap_live": 0, "heap_free": 0}
+    return total["heap_live"] / 2**20, total["heap_free"] / 2**20
 
 
 def main():
@@ -231,6 +252,16 @@ def main():
         print(f"| {v} | {m['mean_pss_mb']:.0f} | {ratio} | {m['peak_pss_mb']:.0f} | {m['master_mean_mb']:.0f} | "
               f"{m['gb_s']:.1f} | "
               f"{m['tasks_per_s']:.1f} | {speed} | {m['lost']:.0f} | {m['repeated']:.0f} | {m['replaced']:.0f} |")
+    for v in variants:
+        live = [r["heap_live_mb"] for r in runs if r["variant"] == v and r["heap_live_mb"] is not None]
+        if live:
+            mine = [r for r in runs if r["variant"] == v]
+            free = statistics.median(r["heap_free_mb"] for r in mine)
+            idle = statistics.median(r["idle_pss_mb"] for r in mine)
+            grown = statistics.median(r["heap_live_mb"] - r["idle_live_mb"] for r in mine)
+            print(f"{v}: idle fleet PSS {idle:.0f} MB before the first task; live heap above idle, mean "
+                  f"{grown:.0f} MB; free not yet purged, mean {free:.0f} MB. Floor (idle PSS + live heap "
+                  f"above idle): {idle + grown:.0f} MB")
     hung = [r["variant"] for r in runs if r["shutdown_hung"]]
     if hung:
         print(f"shutdown hung (killed after 60 s): {', '.join(hung)}")
