@@ -96,7 +96,7 @@ def command(variant, args):
         env.pop(k, None)
     if variant == "ebb":
         env["EBB_LIB"] = args.lib
-        return [args.ebb, "run", "--children", "--hard-limit", args.limit, "--metric", args.ebb_metric, "--",
+        return [args.ebb, "run", "--children", "--hard-limit", args.ebb_limit or args.limit, "--metric", args.ebb_metric, "--",
                 PY, "-m", "ebb.celery", *worker], env
     cmd = [PY, "-m", "celery", *worker]
     if variant == "jemalloc":
@@ -211,6 +211,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--limit", default="150M", help="a pool process's limit: ebb's --hard-limit (RSS) and "
                     "Celery's --max-memory-per-child (default: 150M)")
+    ap.add_argument("--ebb-limit", help="ebb's --hard-limit, if not --limit")
     ap.add_argument("--ebb-metric", default="rss", choices=["rss", "pss", "uss"],
                     help="what ebb's --hard-limit measures (default: rss; Celery's limit reads ru_maxrss, "
                     "the peak RSS, which a pool process inherits from the master)")
@@ -241,7 +242,7 @@ def main():
     med = {v: {k: statistics.median(r[k] for r in runs if r["variant"] == v) for k in keys} for v in variants}
     base = med.get("glibc")
     print(f"\nCelery prefork --concurrency {CONCURRENCY}, {args.duration:.0f} s of load, {args.rounds} round(s), "
-          f"limit {args.limit}; medians")
+          f"limit {args.limit}" + (f", ebb's {args.ebb_limit}" if args.ebb_limit else "") + "; medians")
     print("| variant | mean fleet PSS MB | vs glibc | peak MB | master mean MB | GB*s | tasks/s | vs glibc | lost | "
           "repeated | pool processes replaced |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -75,10 +75,21 @@ DRAIN_POLL_S = 0.2  # how often the event loop looks at the drain
 _drain = {"asked": False, "since": None}
 
 
+def _stop_asked():
+    # Celery's test (state.maybe_shutdown): 0 is a request (exit status 0), False is not.
+    return state.should_stop is not None and state.should_stop is not False
+
+
 def _request_stop(signum, frame):
     # Celery's own warm-shutdown flag (its multi-threaded path sets the same);
     # state.maybe_shutdown() raises WorkerShutdown from the consumer loop.
-    if state.should_stop in (None, False):
+    if _drain["asked"]:
+        # Draining already ends in a warm shutdown; stopping now would stop
+        # the event loop with a job half written (SIGTERM from systemd, or
+        # the stop-if-ebb-dies signal). SIGQUIT is still the cold shutdown.
+        os.write(2, b"worker: ebb.celery: draining; the warm shutdown follows it\n")
+        return
+    if not _stop_asked():
         os.write(2, b"worker: Warm shutdown (ebb.celery: after the current task)\n")
     state.should_stop = 0  # exit status 0
 
@@ -90,7 +101,7 @@ def _request_drain(signum, frame):
 
 
 def _drain_tick(c):
-    if not _drain["asked"] or state.should_stop not in (None, False):
+    if not _drain["asked"] or _stop_asked():
         return
     consumer = getattr(c, "task_consumer", None)
     if consumer is not None:
@@ -99,8 +110,8 @@ def _drain_tick(c):
         consumer.cancel()
     if _drain["since"] is None:
         _drain["since"] = time.monotonic()
-        os.write(2, f"worker: ebb.celery: draining (no new task; {len(state.reserved_requests)} taken "
-                 "still to run), then warm shutdown\n".encode())
+        os.write(2, f"worker: ebb.celery: master {os.getpid()} draining (no new task; "
+                 f"{len(state.reserved_requests)} taken still to run), then warm shutdown\n".encode())
         return
     if state.reserved_requests or state.active_requests:
         return  # what the master took runs first: nothing is half written to a pool process at shutdown
@@ -126,7 +137,8 @@ class StopBetweenTasks(bootsteps.StartStopStep):
         except ValueError:  # not the main thread: keep Celery's handlers
             return
         if self.tick is None and getattr(c, "timer", None) is not None:
-            # The consumer's timer is the event loop's (prefork) or its own thread (solo).
+            # The consumer's timer is the event loop's (kombu's hub), with prefork and solo alike
+            # on Redis; the tick runs between two iterations of the loop.
             self.tick = c.timer.call_repeatedly(DRAIN_POLL_S, _drain_tick, (c,))
 
     def stop(self, c):
@@ -257,6 +269,9 @@ def main():
     import sys
 
     from celery.__main__ import main as celery_main
+    # From the start: a drain asked before the consumer runs is kept for it
+    # (SIGUSR2's default action would kill the master). Pool processes reset it.
+    signal.signal(DRAIN_SIGNAL, _request_drain)
     os.environ["EBB_CELERY_STEP"] = "1"
     sys.argv[0] = "celery"
     return celery_main()

@@ -89,6 +89,14 @@ class Fleet {
   void discover_children(const proc::ChildMap& children);
   void refuse_recycle(Worker& w, const std::string& reason);
   bool is_master(pid_t pid) const { return o_.children && !slots_.empty() && slots_[0].pid == pid && pid > 0; }
+  // The master, an old one still draining, or the one that is to replace it
+  // (master_restart.cc): sampled on its own, never recycled as a worker.
+  bool is_any_master(const Worker& w) const {
+    return is_master(w.pid) || w.old_master || (handover_.drain && w.pid == handover_.to && w.pid > 0);
+  }
+  bool old_master_draining() const {
+    return std::any_of(workers_.begin(), workers_.end(), [](const auto& kv) { return kv.second.old_master; });
+  }
   void set_master_limits(Worker& w) const;
   std::string label(int id, pid_t pid) const;  // "worker 3 [pid 1234]", or "master [pid 1233]"
 
@@ -97,13 +105,18 @@ class Fleet {
   void continue_handover(const proc::ChildMap& children);
   bool handed_over(pid_t old_master, int status);
   void handover_failed(const std::string& why, const proc::ChildMap& children);
+  void continue_drain(const proc::ChildMap& children);
+  bool drain_handed_over(pid_t old_master);
   void stop_stray(pid_t pid, const std::string& reason);
   // gunicorn's USR2: the old master forks a new one, which takes over once
   // its workers have run for --min-uptime; `from` is stopped then, and `to`
   // becomes the slot's.
+  // A master with a drain signal (ebb.celery): ebb starts `to` itself; once
+  // its pool has run for --min-uptime, `from` gets the drain signal.
   struct Handover {
     pid_t from = 0;
     pid_t to = 0;
+    bool drain = false;
     double started = 0;
     std::vector<pid_t> before;    // the old master's children at SIGUSR2: none of them is the new master
     std::vector<pid_t> new_ones;  // the new master's workers, as last seen

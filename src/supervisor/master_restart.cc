@@ -10,12 +10,15 @@
 //   the old one gets SIGTERM and its workers finish their requests. No
 //   connection is refused at any moment. The new master becomes ebb's (a
 //   subreaper, it is adopted when the old one exits).
-// - any other master but Celery: SIGTERM, its own graceful stop, then a
-//   fresh start once it has exited. Celery is refused (master.cc: its warm
-//   shutdown can hang with a job half written to its pool).
+// - Celery through ebb.celery: ebb starts a new master, and once its pool
+//   has run for --min-uptime, SIGUSR2 makes the old one stop consuming, run
+//   what it already took and shut down warmly with nothing in flight (a
+//   plain warm shutdown can hang, master.cc). Plain `celery` is refused.
+// - any other master: SIGTERM, its own graceful stop, then a fresh start
+//   once it has exited.
 //
-// The new master is a child of the old one and shares its process group, so
-// nothing here signals the old master's group (fleet.cc: kill_now).
+// gunicorn's new master is a child of the old one and shares its process
+// group, so nothing here signals the old master's group (fleet.cc: kill_now).
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -107,18 +110,24 @@ void Fleet::restart_master(Worker& w, const std::string& reason) {
     return;
   }
   if (o_.master.drain_signal != 0) {
+    // The old master keeps consuming until the new one runs its pool: a new
+    // master that fails (a broken deploy) leaves the fleet as it was.
+    pid_t to = spawn(slots_[0].id);
+    if (to < 0) {
+      master_restart_after_ = now_s() + kHandoverTimeoutS;
+      return;
+    }
+    handover_ = {};
+    handover_.from = w.pid;
+    handover_.to = to;
+    handover_.drain = true;
+    handover_.started = now_s();
     log_.event("restart",
-               text + "; " + signame(o_.master.drain_signal) +
-                   ": it runs the tasks it took, then exits; a new master starts now; grace " + seconds(o_.grace_s),
+               text + "; new " + master_label(to) + " started; once its pool has run for " + seconds(o_.min_uptime_s) +
+                   ", " + signame(o_.master.drain_signal) + " to the old one: it runs the tasks it took, then exits",
                f);
-    w.stopping = true;
-    w.old_master = true;
-    w.stop_sent = now_s();
-    w.stop_reason = reason;
-    kill(w.pid, o_.master.drain_signal);
-    Slot& s = slots_[0];  // the old master is no longer the slot's: its exit restarts nothing
-    s.pid = 0;
-    start_slot(s, "replaces the master");
+    log_.event("start", master_label(to) + " started (replaces the master)",
+               {{"worker", slots_[0].id}, {"pid", to}, {"reason", "replaces the master"}});
     return;
   }
   log_.event("restart", text + "; SIGTERM, then a new master, grace " + seconds(o_.grace_s), f);
@@ -133,6 +142,10 @@ void Fleet::restart_master(Worker& w, const std::string& reason) {
 void Fleet::continue_handover(const proc::ChildMap& children) {
   Handover& h = handover_;
   if (h.from == 0) return;
+  if (h.drain) {
+    continue_drain(children);
+    return;
+  }
   auto old = workers_.find(h.from);
   if (old == workers_.end()) return;
   std::vector<pid_t> ours = children_of(h.from, children);
@@ -190,8 +203,75 @@ void Fleet::handover_failed(const std::string& why, const proc::ChildMap& childr
       "error",
       master_label(h.from) + ": " + why + "; the old one stays, next try in " + seconds(wait) + " at the earliest",
       {{"pid", h.from}, {"successor", h.to}, {"failures", handover_failures_}});
+  if (h.drain) {
+    auto to = workers_.find(h.to);
+    if (to != workers_.end()) stop(to->second, "failed handover");
+    return;
+  }
   for (pid_t c : children_of(h.from, children))
     if (!contains(h.before, c) && (c == h.to || successor_of(c, h.from))) stop_stray(c, "failed handover");
+}
+
+// Each tick of a drain handover: the new master ebb started runs as many
+// pool processes as the old one, the same ones for --min-uptime; then it
+// becomes the slot's, and the old one gets the drain signal.
+void Fleet::continue_drain(const proc::ChildMap& children) {
+  Handover& h = handover_;
+  auto old = workers_.find(h.from);
+  if (old == workers_.end()) return;
+  auto to = workers_.find(h.to);
+  if (shutting_down_) {
+    if (to != workers_.end()) stop(to->second, "shutdown");  // not the slot's: begin_shutdown left it
+    return;
+  }
+  if (to == workers_.end()) {
+    handover_failed("the new master exited before its pool ran", children);
+    return;
+  }
+  if (to->second.stopping) return;
+  if (h.before.empty()) h.before = children_of(h.from, children);
+  std::vector<pid_t> pool = children_of(h.to, children);
+  double now = now_s();
+  if (pool.size() < std::max<size_t>(1, h.before.size()))
+    h.ready_since = -1;
+  else if (h.ready_since < 0 || pool != h.new_ones)
+    h.ready_since = now;
+  h.new_ones = pool;
+  if (h.ready_since >= 0 && now - h.ready_since >= o_.min_uptime_s) {
+    handover_failures_ = 0;
+    log_.event("restart",
+               "new " + master_label(h.to) + " runs " + std::to_string(pool.size()) + " pool process(es) for " +
+                   seconds(now - h.ready_since) + "; " + signame(o_.master.drain_signal) + " to old " +
+                   master_label(h.from) + ": it runs the tasks it took, then exits",
+               {{"pid", h.from}, {"successor", h.to}, {"workers", pool.size()}});
+    Worker& w = old->second;
+    w.stopping = true;
+    w.old_master = true;
+    w.stop_sent = now;
+    w.stop_reason = "hard limit";
+    kill(h.from, o_.master.drain_signal);
+    slots_[0].pid = h.to;  // the old master's exit restarts nothing
+    handover_ = {};
+    return;
+  }
+  if (now - h.started > kHandoverTimeoutS + o_.min_uptime_s)
+    handover_failed("the new master did not run its pool for " + seconds(o_.min_uptime_s) + " within " +
+                        seconds(kHandoverTimeoutS + o_.min_uptime_s),
+                    children);
+}
+
+// The old master exited before a drain handover completed (it died, or was
+// killed): the new one takes its place if it runs.
+bool Fleet::drain_handed_over(pid_t old_master) {
+  pid_t to = handover_.to;
+  handover_ = {};
+  if (shutting_down_ || to <= 0 || !workers_.count(to) || workers_[to].stopping) return false;
+  log_.event("exit",
+             "old " + master_label(old_master) + " exited during the handover; new " + master_label(to) + " took over",
+             {{"pid", old_master}, {"successor", to}, {"reason", "hard limit"}});
+  workers_.erase(old_master);
+  slots_[0].pid = to;
+  return true;
 }
 
 // A process ebb did not start, and must not leave behind: followed and
@@ -210,6 +290,7 @@ void Fleet::stop_stray(pid_t pid, const std::string& reason) {
 // the old master left: the new master, seen or not yet (the old one may
 // have been killed, or have died by itself). Other orphans are left alone.
 bool Fleet::handed_over(pid_t old_master, int status) {
+  if (handover_.drain) return drain_handed_over(old_master);
   pid_t to = handover_.to;
   handover_ = {};
   auto mine = proc::children_by_parent();

@@ -45,10 +45,9 @@ void Fleet::trim(Worker& w, const std::string& reason) {
 
 void Fleet::sample(const proc::ChildMap& children) {
   total_ = 0;
-  pid_t master = o_.children && !slots_.empty() ? slots_[0].pid : 0;
   for (auto& [pid, w] : workers_) {
     uint64_t mem = 0;
-    if (pid == master) {
+    if (is_any_master(w)) {
       mem = process_memory(pid, o_.metric);  // the master alone; its children are workers
     } else {
       for (pid_t p : proc::tree(pid, children)) mem += process_memory(p, o_.metric);
@@ -108,13 +107,16 @@ void Fleet::tick() {
   double now = now_s();
   for (auto& [pid, w] : workers_) {
     WorkerView v;
-    v.master = pid == master;
+    v.master = is_any_master(w);
     v.id = static_cast<int>(pid);  // decisions name workers by pid
     v.mem = w.mem;
     v.age_s = now - w.started;
     v.since_trim_s = now - w.last_trim;
     v.can_trim = w.can_trim;
-    v.stopping = w.stopping || (v.master && (handover_.from == pid || now < master_restart_after_));
+    // A master is held while a restart is under way or was just tried: one at a time.
+    v.stopping =
+        w.stopping ||
+        (v.master && (pid != master || handover_.from == pid || now < master_restart_after_ || old_master_draining()));
     v.limits = w.limits;
     view.workers.push_back(v);
   }

@@ -57,7 +57,9 @@ pid_t Fleet::spawn(int id) {
     log_.event("error", std::string("fork failed: ") + strerror(errno), {{"error", strerror(errno)}});
     return -1;
   }
-  if (pid == 0) proc::exec_supervised(argv, envp, o_.stop_signal, ppid);  // if ebb dies: stop gracefully
+  // If ebb dies: stop gracefully (a master that drains: drain).
+  int on_death = o_.children && o_.master.drain_signal != 0 ? o_.master.drain_signal : o_.stop_signal;
+  if (pid == 0) proc::exec_supervised(argv, envp, on_death, ppid);
   setpgid(pid, pid);  // also here, so the group exists before we signal it
   Worker& w = add_worker(id, pid);
   if (o_.children) set_master_limits(w);
@@ -122,12 +124,13 @@ void Fleet::log_start(const Slot& s, const std::string& why) {
   log_.event("start", text, f);
 }
 
-// A master is stopped with SIGTERM (its warm shutdown), an old master that
-// drains with its drain signal (master_restart.cc); its children and
-// every other worker with the stop signal.
+// A master is stopped with its drain signal if it has one (ebb.celery: it
+// runs the tasks it took, then shuts down warmly; master_restart.cc), else
+// with SIGTERM (its warm shutdown); its children and every other worker
+// with the stop signal.
 int Fleet::stop_signal_of(const Worker& w) const {
-  if (w.old_master) return o_.master.drain_signal;
-  return is_master(w.pid) ? SIGTERM : o_.stop_signal;
+  if (!is_any_master(w)) return o_.stop_signal;
+  return o_.master.drain_signal != 0 ? o_.master.drain_signal : SIGTERM;
 }
 
 void Fleet::stop(Worker& w, const std::string& reason) {

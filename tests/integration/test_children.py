@@ -20,8 +20,9 @@ from test_run import APPS, FAST, PY, PYTHON_DIR, fleet, redis_url  # noqa: F401 
 WRK = "/usr/bin/wrk"
 
 
-def celery_prefork(fleet, redis_url, acks_late, options, entry="ebb.celery", tasks=400, env=None):  # noqa: F811
-    """Queues `tasks` tasks that keep 1.5 MB each in their pool process (50 ms each), then
+def celery_prefork(fleet, redis_url, acks_late, options, entry="ebb.celery", tasks=400, env=None,  # noqa: F811
+                   seconds=0.05):
+    """Queues `tasks` tasks that keep 1.5 MB each in their pool process (`seconds` each), then
     runs a 4-process prefork worker under `ebb run --children` until every
     task is done (bounded) and stops it; returns (fleet, started, done) with
     per-id counts read from Redis."""
@@ -34,7 +35,7 @@ def celery_prefork(fleet, redis_url, acks_late, options, entry="ebb.celery", tas
 import sys; sys.path.insert(0, {APPS!r})
 from celery_prefork_app import work
 for i in range({tasks}):
-    work.delay(i, "k" * 200_000, 0.05)
+    work.delay(i, "k" * 200_000, {seconds})
 """], env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert queue.returncode == 0, queue.stderr
     f = fleet(["--children", "--metric", "rss", "--grace", "30s", *FAST, *options], [], env=env,
@@ -79,12 +80,13 @@ def test_celery_master_restarted_above_its_hard_limit_with_every_task_exactly_on
     """A Celery master that keeps 1 MB per task it receives (seed 002's growth),
     with --master-hard-limit: ebb starts a new master, the old one (SIGUSR2,
     ebb.celery) stops consuming, runs what it took and shuts down warmly."""
+    import redis
     tasks = 400
     f, started, done = celery_prefork(fleet, redis_url, acks_late, ["--master-hard-limit", "110M"], tasks=tasks,
-                                      env={"EBB_TEST_MASTER_KEEP": "1000000", "EBB_TEST_KEEP": "0"})
+                                      env={"EBB_TEST_MASTER_KEEP": "1000000", "EBB_TEST_KEEP": "0"}, seconds=0.2)
     log = "".join(f.raw)
-    restarts = [r for r in f.of("restart") if r.get("master")]
-    drained = log.count("ebb.celery: drained in")
+    restarts = [r for r in f.of("restart") if r.get("master")]  # the decisions
+    drained = log.count("ebb.celery: drained in")  # restarts and the last stop
     old_exits = [e for e in f.of("exit") if e["message"].startswith("old master")]
     lost = [i for i in range(tasks) if done.get(i, 0) == 0]
     twice = [i for i in range(tasks) if started.get(i, 0) != 1 or done.get(i, 0) > 1]
@@ -92,11 +94,30 @@ def test_celery_master_restarted_above_its_hard_limit_with_every_task_exactly_on
           f"{len(restarts)} master restarts, {drained} drained, {len(old_exits)} old masters exited")
     assert len(restarts) >= 2, log[-3000:]
     assert all("SIGUSR2" in r["message"] for r in restarts)
-    assert drained >= 2 and len(old_exits) >= 2, log[-3000:]
+    assert drained >= len(old_exits) >= 2, log[-3000:]
+    assert redis.Redis.from_url(redis_url).get("received_while_draining") is None, "a draining master took a task"
+    ready = [r for r in f.of("restart") if "successor" in r]  # the new master ran its pool before the drain
+    assert len(ready) == len(old_exits), restarts
     assert all("exited with status 0" in e["message"] for e in old_exits), old_exits
     assert not lost and not twice, (lost, twice)
     assert "WorkerLostError" not in log and not f.of("kill"), log[-3000:]
     assert len(f.of("start")) == len(restarts) + 1, "one new master per restart"
+
+
+def test_celery_master_whose_successor_fails_keeps_running(fleet, redis_url, tmp_path):  # noqa: F811
+    """The new master fails at import (a broken deploy): the old one is never
+    drained, keeps consuming, and runs every task; one error line, a wait."""
+    tasks = 200
+    f, started, done = celery_prefork(fleet, redis_url, False, ["--master-hard-limit", "110M"], tasks=tasks,
+                                      env={"EBB_TEST_MASTER_KEEP": "1000000", "EBB_TEST_KEEP": "0",
+                                           "EBB_TEST_BROKEN_REDEPLOY": str(tmp_path / "deployed")}, seconds=0.1)
+    log = "".join(f.raw)
+    errors = [e for e in f.of("error") if "new master exited before its pool ran" in e["message"]]
+    print(f"{len(done)}/{tasks} done, {len(errors)} failed handovers")
+    assert len(errors) == 1 and "next try in 60s" in errors[0]["message"], log[-3000:]
+    assert "draining" not in log[:log.index('"event":"shutdown"')], "the old master was drained before ebb stopped"
+    assert not [e for e in f.of("exit") if e["message"].startswith("old master")]
+    assert sorted(done) == list(range(tasks)) and set(done.values()) == {1} and set(started.values()) == {1}
 
 
 def test_plain_celery_children_are_trimmed_never_recycled(fleet, redis_url):  # noqa: F811

@@ -8,9 +8,11 @@ $EBB_TEST_KEEP bytes (default 1.5 MB, touched) in its pool process, so the
 pool's children grow until ebb recycles them. $EBB_TEST_ACKS_LATE=1 turns
 on task_acks_late (with task_reject_on_worker_lost). $EBB_TEST_MASTER_KEEP
 bytes (default 0) are kept by the master per task it receives, as a master
-fed large kwargs grows (seed 002).
+fed large kwargs grows (seed 002); a task received by a master that
+ebb.celery drains is counted in "received_while_draining".
 """
 import os
+import sys
 import time
 
 import redis
@@ -20,6 +22,14 @@ URL = os.environ["EBB_TEST_REDIS"]
 ACKS_LATE = os.environ.get("EBB_TEST_ACKS_LATE") == "1"
 KEEP = int(os.environ.get("EBB_TEST_KEEP", 1_500_000))
 MASTER_KEEP = int(os.environ.get("EBB_TEST_MASTER_KEEP", 0))
+
+# $EBB_TEST_BROKEN_REDEPLOY=FILE: the first master under ebb creates FILE,
+# and every later one fails at import, as a broken deploy would.
+BROKEN = os.environ.get("EBB_TEST_BROKEN_REDEPLOY")
+if BROKEN and os.environ.get("EBB_WORKER_ID"):
+    if os.path.exists(BROKEN):
+        raise SystemExit("celery_prefork_app: broken deploy (test)")
+    open(BROKEN, "w").close()
 
 app = Celery("celery_prefork_app", broker=URL)
 app.conf.update(
@@ -33,8 +43,12 @@ kept = []  # the leak of the pool process: what each task keeps
 
 @signals.task_received.connect
 def _master_keeps(request=None, **kwargs):
-    if MASTER_KEEP:  # in the master: task_received is sent where messages arrive
+    # In the master: task_received is sent where messages arrive.
+    if MASTER_KEEP:
         kept.append(bytearray(MASTER_KEEP))
+    drain = getattr(sys.modules.get("ebb.celery"), "_drain", None)
+    if drain and drain["since"] is not None:  # a draining master must take no new task
+        results.incr("received_while_draining")
 results = redis.Redis.from_url(URL)
 
 
