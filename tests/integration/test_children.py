@@ -9,6 +9,7 @@ under wrk (every response counted). Loads are bounded in count and time.
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 import urllib.request
@@ -288,6 +289,45 @@ def test_gunicorn_handover_that_fails_keeps_the_old_master(fleet, ebb_bin, tmp_p
     assert f.stop() == 0
     left = [p for p in ours if os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split()[2]]
     assert not left, left
+
+
+def test_gunicorn_old_master_killed_during_a_handover(fleet, ebb_bin, tmp_path):  # noqa: F811
+    """The old master dies (SIGKILL) between SIGUSR2 and the takeover: ebb,
+    a subreaper, adopts the new master it forked, which goes on serving, and
+    stops it at the end."""
+    if not os.path.exists(WRK):
+        pytest.skip("wrk not installed (scripts/install-deps installs it)")
+    sock = tmp_path / "fleet.sock"
+    f = fleet(["--children", "--hard-limit", "45M", "--master-hard-limit", "80M", "--metric", "rss", "--grace", "20s",
+               "--status-socket", str(sock), "--interval", "0.2s", "--min-uptime", "3s"], [],
+              env={"PYTHONPATH": PYTHON_DIR},
+              command=["/usr/bin/gunicorn", "--workers", "2", "--bind", "127.0.0.1:0", "--chdir", APPS,
+                       "-c", os.path.join(APPS, "gunicorn_leaky_master.py"), "--graceful-timeout", "20",
+                       "leaky_app:app"])
+    port = gunicorn_port(f)
+    load = subprocess.Popen([WRK, "-t", "1", "-c", "2", "-d", "30s", f"http://127.0.0.1:{port}/"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        restart = f.wait_for("restart", timeout=40, reason="hard limit")[0]
+        # After the new master's fork (at once on SIGUSR2), before its takeover
+        # (its workers must run for --min-uptime 3s first).
+        time.sleep(1.0)
+        assert not [e for e in f.of("exit") if "successor" in e], "took over within 1 s"
+        os.kill(restart["pid"], signal.SIGKILL)
+        took_over = f.wait_for("exit", timeout=30, pid=restart["pid"])[0]
+    finally:
+        load.kill()
+        load.wait()
+    assert took_over.get("successor", 0) > 0 and "killed by SIGKILL" in took_over["message"], took_over
+    new = took_over["successor"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+        assert r.status == 200
+    status = json.loads(subprocess.run([ebb_bin, "ps", "--fleet", str(sock), "--json"], capture_output=True,
+                                       text=True, check=True, timeout=10).stdout)
+    assert [w["pid"] for w in status["workers"] if w["state"] == "master"] == [new], status
+    assert f.stop() == 0
+    assert f.of("exit", pid=new), "".join(f.raw)[-2000:]
+    assert not os.path.exists(f"/proc/{new}") or "Z" in open(f"/proc/{new}/stat").read().split()[2]
 
 
 def test_master_hard_limit_refused_for_plain_celery_and_without_children(ebb_bin):
