@@ -106,6 +106,7 @@ class Fleet {
   bool handed_over(pid_t old_master, int status);
   void handover_failed(const std::string& why, const proc::ChildMap& children);
   void continue_drain(const proc::ChildMap& children);
+  void stop_new_master(pid_t pid, const std::string& reason);
   bool drain_handed_over(pid_t old_master);
   void stop_stray(pid_t pid, const std::string& reason);
   // gunicorn's USR2: the old master forks a new one, which takes over once

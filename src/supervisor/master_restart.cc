@@ -204,8 +204,7 @@ void Fleet::handover_failed(const std::string& why, const proc::ChildMap& childr
       master_label(h.from) + ": " + why + "; the old one stays, next try in " + seconds(wait) + " at the earliest",
       {{"pid", h.from}, {"successor", h.to}, {"failures", handover_failures_}});
   if (h.drain) {
-    auto to = workers_.find(h.to);
-    if (to != workers_.end()) stop(to->second, "failed handover");
+    stop_new_master(h.to, "failed handover");
     return;
   }
   for (pid_t c : children_of(h.from, children))
@@ -221,7 +220,7 @@ void Fleet::continue_drain(const proc::ChildMap& children) {
   if (old == workers_.end()) return;
   auto to = workers_.find(h.to);
   if (shutting_down_) {
-    if (to != workers_.end()) stop(to->second, "shutdown");  // not the slot's: begin_shutdown left it
+    stop_new_master(h.to, "shutdown");  // not the slot's: begin_shutdown left it
     return;
   }
   if (to == workers_.end()) {
@@ -260,11 +259,22 @@ void Fleet::continue_drain(const proc::ChildMap& children) {
                     children);
 }
 
+// A new master that will not take over drains like an old one: it may have
+// taken tasks already (marked old_master, so it keeps the drain signal once
+// the handover is forgotten, and holds further restarts until it is gone).
+void Fleet::stop_new_master(pid_t pid, const std::string& reason) {
+  auto it = workers_.find(pid);
+  if (pid <= 0 || it == workers_.end() || it->second.stopping) return;
+  it->second.old_master = true;
+  stop(it->second, reason);
+}
+
 // The old master exited before a drain handover completed (it died, or was
 // killed): the new one takes its place if it runs.
 bool Fleet::drain_handed_over(pid_t old_master) {
   pid_t to = handover_.to;
   handover_ = {};
+  if (shutting_down_) stop_new_master(to, "shutdown");  // before the next tick could
   if (shutting_down_ || to <= 0 || !workers_.count(to) || workers_[to].stopping) return false;
   log_.event("exit",
              "old " + master_label(old_master) + " exited during the handover; new " + master_label(to) + " took over",
