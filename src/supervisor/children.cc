@@ -23,7 +23,7 @@ void Fleet::discover_children(const proc::ChildMap& children) {
     if (workers_.count(pid)) continue;
     // During a handover, not yet: one of them is the new master, which
     // shows as such only once it has exec'd (master_restart.cc).
-    if (handover_.from == master) continue;
+    if (handover_.from == master && !handover_.drain) continue;  // ebb started a new Celery master itself
     const Worker& w = add_worker(next_child_id_++, pid);
     log_.event("adopt", fmt_worker(w.id, pid) + " found (a child of the master)", {{"worker", w.id}, {"pid", pid}});
   }

@@ -140,7 +140,7 @@ void Fleet::enforce_grace() {
 // master and its workers are in it (master_restart.cc); nor to a master that
 // is not its group's leader (one that took over): its own workers then.
 void Fleet::kill_now(pid_t pid) {
-  if (pid != handover_.from && getpgid(pid) == pid) {
+  if ((pid != handover_.from || handover_.drain) && getpgid(pid) == pid) {  // a new Celery master has its own
     kill(-pid, SIGKILL);
   } else {
     auto children = proc::children_by_parent();

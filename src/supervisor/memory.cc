@@ -113,10 +113,11 @@ void Fleet::tick() {
     v.age_s = now - w.started;
     v.since_trim_s = now - w.last_trim;
     v.can_trim = w.can_trim;
-    // A master is held while a restart is under way or was just tried: one at a time.
-    v.stopping =
-        w.stopping ||
-        (v.master && (pid != master || handover_.from == pid || now < master_restart_after_ || old_master_draining()));
+    v.stopping = w.stopping;
+    // A master is held (trimmed, not restarted) while a restart is under way
+    // or was just tried: one at a time.
+    v.hold =
+        v.master && (pid != master || handover_.from == pid || now < master_restart_after_ || old_master_draining());
     v.limits = w.limits;
     view.workers.push_back(v);
   }

@@ -43,7 +43,7 @@ std::vector<Decision> decide(const Policy& p, const FleetView& fleet) {
       // the worker is still above after a recent trim, recycle it.
       if (may_trim)
         trims.push_back({w.id, Action::kTrim, "hard limit"});
-      else
+      else if (!w.hold)
         recycle.push_back({0, w.master, w.mem, w.age_s, {w.id, Action::kRecycle, "hard limit"}});
     } else if (w.limits.soft != 0 && w.mem > w.limits.soft && may_trim) {
       trims.push_back({w.id, Action::kTrim, "soft limit"});

@@ -41,6 +41,9 @@ struct WorkerView {
   // restart) only above its own hard limit, never for the fleet budget or
   // its age.
   bool master = false;
+  // A master whose restart is under way or was just tried (master_restart.cc):
+  // still trimmed, never restarted meanwhile.
+  bool hold = false;
   Limits limits;
 };
 

@@ -219,3 +219,21 @@ TEST(Policy, TheMastersRestartDoesNotWaitForRecyclingWorkers) {
   ASSERT_EQ(d.size(), 1u);
   EXPECT_EQ(d[0].id, 3);
 }
+
+TEST(Policy, AHeldMasterIsTrimmedButNotRestarted) {
+  FleetView f;
+  WorkerView m = worker(1, 150 * MiB);
+  m.master = true;
+  m.hold = true;  // its restart is under way, or failed a moment ago
+  m.limits = {0, 120 * MiB, 0};
+  f.workers = {m};
+  auto d = decide(policy(), f);
+  ASSERT_EQ(d.size(), 1u);
+  EXPECT_EQ(d[0].action, Action::kTrim);
+  f.workers[0].since_trim_s = 2;  // trimmed a moment ago, still above: no restart while held
+  EXPECT_TRUE(decide(policy(), f).empty());
+  f.workers[0].hold = false;
+  d = decide(policy(), f);
+  ASSERT_EQ(d.size(), 1u);
+  EXPECT_EQ(d[0].action, Action::kRecycle);
+}
