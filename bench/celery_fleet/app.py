@@ -11,6 +11,7 @@ import time
 
 import redis
 from celery import Celery
+from work import build_result
 
 URL = os.environ["EBB_BENCH_REDIS"]
 app = Celery("celery_fleet_app", broker=URL)
@@ -34,13 +35,7 @@ def db():
 @app.task(name="job")
 def job(i, doc, keep_s):
     db().hincrby("started", i)
-    result = {}
-    for row in doc.get("rows", ()):
-        result[row[:12]] = row.upper()
-    for k, v in doc.get("tree", {}).items():
-        result[k] = [x * 2 for x in v["v"]] + [v["s"][::-1]]
-    if "blob" in doc:
-        result["blob"] = doc["blob"].replace("b", "c")
+    result = build_result(doc)
     now = time.monotonic()
     _kept.append((now + keep_s, result))
     _kept[:] = [(t, x) for t, x in _kept if t > now]

@@ -16,8 +16,10 @@ import pickle
 import random
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [BENCH, os.path.join(BENCH, "celery_fleet")]
 from celery_fleet import document  # noqa: E402 (the fleet's own generator)
+from work import build_result  # noqa: E402 (the fleet's task body)
 
 rng = random.Random(0)
 kept = []
@@ -26,12 +28,5 @@ for n in range(int(sys.argv[1]) if len(sys.argv) > 1 else 200):
     body = json.dumps([[n], {"i": n, "doc": doc, "keep_s": 1}, {}])  # the client's message
     job = pickle.dumps(json.loads(body), protocol=4)  # the master decodes it and sends it to the pool
     d = pickle.loads(job)[1]["doc"]  # the pool process: the task's body (bench/celery_fleet/app.py)
-    result = {}
-    for row in d.get("rows", ()):
-        result[row[:12]] = row.upper()
-    for k, v in d.get("tree", {}).items():
-        result[k] = [x * 2 for x in v["v"]] + [v["s"][::-1]]
-    if "blob" in d:
-        result["blob"] = d["blob"].replace("b", "c")
-    kept = kept[-7:] + [result]
+    kept = kept[-7:] + [build_result(d)]
 print(len(kept))
