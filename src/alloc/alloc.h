@@ -10,10 +10,15 @@
 namespace ebb {
 
 // Allocates from size class `cls` (request `size`, for stats).
+EBB_NOINLINE void* alloc_class_sampled(unsigned cls, size_t size);
+
 EBB_INLINE void* alloc_class(unsigned cls, size_t size) {
   ThreadCache& tc = t_cache;
   tc.allocs++;
   tc.alloc_bytes += size;
+  // Never true while profiling is off (sample_at is UINT64_MAX after a
+  // thread's first allocation): the one extra branch of profile.cc.
+  if (EBB_UNLIKELY(tc.alloc_bytes >= tc.sample_at)) return alloc_class_sampled(cls, size);
   CacheBin& cb = tc.bins[cls];
   FreeObj** top = cb.top;
   if (EBB_LIKELY(lo16(top) != cb.low)) {
@@ -25,14 +30,22 @@ EBB_INLINE void* alloc_class(unsigned cls, size_t size) {
   return tcache_alloc_slow(cls);
 }
 
+// A large object (own mapping), counted and offered to the profiler.
+EBB_INLINE void* alloc_large(size_t size, size_t align, bool zero) {
+  ThreadCache& tc = t_cache;
+  tc.allocs++;
+  tc.alloc_bytes += size;
+  void* p = large_alloc(size, align, zero);
+  if (EBB_UNLIKELY(tc.alloc_bytes >= tc.sample_at)) profile_alloc(p, size);
+  return p;
+}
+
 EBB_INLINE void* alloc(size_t size) {
   // malloc(0) lands in class 0, whose cache is always empty: the slow path
   // serves it from class 1, and the common sizes skip a test for zero.
   if (EBB_LIKELY(size <= kFineMax)) return alloc_class(static_cast<unsigned>((size + 15) >> 4), size);
   if (EBB_LIKELY(size <= kMaxSmallSize)) return alloc_class(size_to_class(size), size);
-  t_cache.allocs++;
-  t_cache.alloc_bytes += size;
-  return large_alloc(size, kMinAlign, false);
+  return alloc_large(size, kMinAlign, false);
 }
 
 // The span holding small object p, after checking that p is the start of an
@@ -72,6 +85,7 @@ EBB_INLINE void cache_push(unsigned cls, FreeObj* o) {
 EBB_INLINE void free_small(SegmentHeader* h, void* p, const char* what) {
   Span* s = checked_span(h, p, what);
   auto* o = static_cast<FreeObj*>(p);
+  if (EBB_UNLIKELY(s->sampled)) profile_free(p);
   if (EBB_UNLIKELY(o->key == g_free_key)) return free_suspect(s, o, what);
   cache_push(s->cls, o);
 }

@@ -17,9 +17,11 @@ void prepare() {
   for (unsigned cls = 1; cls <= kNumClasses; cls++) g_bins[cls].lock.lock();
   g_segment_lock.lock();
   g_large_lock.lock();
+  profile_before_fork();  // never held while another is taken: last
 }
 
 void parent() {
+  profile_after_fork_parent();
   g_large_lock.unlock();
   g_segment_lock.unlock();
   for (unsigned cls = kNumClasses; cls >= 1; cls--) g_bins[cls].lock.unlock();
@@ -39,6 +41,7 @@ void child() {
   threads_after_fork_child(self->state == 1);
   telemetry_after_fork_child();
   purger_after_fork_child();
+  profile_after_fork_child();
 }
 
 }  // namespace

@@ -58,6 +58,7 @@ struct Span {
   bool in_list : 1;  // in the bin's list
   bool dirty : 1;    // objects came back since the last purge
   bool cold : 1;     // became (almost) empty while cold since the last purge (bin.cc)
+  bool sampled : 1;  // holds (or held) an object sampled by the profiler: frees go to profile_free
 
   bool full() const { return nfree == 0 && parked == 0 && bump == kClasses[cls].capacity; }
 };
@@ -104,6 +105,9 @@ struct Segment {
   // numbers spare free() a multiply.
   uint16_t span_at[kSlicesPerSegment];
   uint64_t purged[kPagesPerSegment / 64];  // pages given back to the OS while their span lives
+  // Sampled objects still live per span, by the span's first slice (the
+  // profiler's; 255 sticks): the span's `sampled` bit goes when it is 0.
+  uint8_t sampled_live[kSlicesPerSegment];
   Span spans[kSlicesPerSegment];           // the descriptor of the span starting at slice i
   // The spans' free bitmaps, stored by cache line: line 0 (words 0-7) of every
   // span, then line 1 of every span, and so on. A class that needs few words
@@ -164,6 +168,8 @@ struct Options {
   // array getenv() would read.
   bool telemetry = false;        // EBB_TELEMETRY=1
   char telemetry_dir[200] = {};  // EBB_TELEMETRY_DIR ("" if unset; too long: telemetry stays off)
+  char profile_prefix[200] = {};   // EBB_PROFILE: capture files <prefix>.<pid>.ebbprof ("": profiling off)
+  uint32_t profile_rate = 524288;  // EBB_PROFILE_RATE: mean bytes between samples (0 or 1: every allocation)
 };
 extern Options g_options;
 void options_load();
@@ -351,6 +357,14 @@ struct ThreadCache {
   // carves that from each thread's stack, and 24 KiB more would fail threads
   // made with small stacks (32 KiB is Python's threading.stack_size minimum).
   FreeObj** slots;
+  // Profiling (profile.cc): the value of alloc_bytes at which the next
+  // sampled byte falls. 0 at first, so that a thread's first allocation
+  // asks; UINT64_MAX while profiling is off.
+  uint64_t sample_at;
+  uint64_t rng;       // the thread's sampling gaps (xorshift)
+  uint32_t tid;       // gettid(), once
+  bool sample_armed;  // sample_at is a real sample point
+  bool in_profile;    // inside profile.cc: its own work is not sampled
 };
 extern __thread ThreadCache t_cache __attribute__((tls_model("initial-exec")));
 void* tcache_alloc_slow(unsigned cls);
@@ -400,6 +414,17 @@ std::atomic<uint32_t>* telemetry_wake_word();  // nullptr when telemetry is off
 bool telemetry_over_soft_limit();
 void telemetry_count_pass();
 void telemetry_after_fork_child();
+
+// ---- profiling (profile.cc, format in src/profile/capture_format.h) ---------
+extern bool g_profile_on;
+void profile_start();  // EBB_PROFILE is set: open the capture (library constructor)
+// Allocation p of `size` bytes reached its thread's sample point (alloc.h).
+EBB_NOINLINE void profile_alloc(void* p, size_t size);
+// An object in a span marked `sampled`, or a large one, is being freed.
+EBB_NOINLINE void profile_free(const void* p);
+void profile_before_fork();
+void profile_after_fork_parent();
+void profile_after_fork_child();
 
 // ---- fork (fork.cc) ---------------------------------------------------------
 void fork_register();

@@ -67,6 +67,13 @@ void options_load() {
   if (env_u32("EBB_LARGE_CACHE_MB", &v)) g_options.large_cache_mb = v;
   if (env_u32("EBB_BUSY_WINDOW_MS", &v)) g_options.busy_window_ms = v;
   if (env_u32("EBB_VERBOSE", &v)) g_options.verbose = v != 0;
+  if (env_u32("EBB_PROFILE_RATE", &v)) g_options.profile_rate = v;
+  const char* prof = getenv("EBB_PROFILE");
+  g_options.profile_prefix[0] = 0;
+  if (prof != nullptr && strlen(prof) < sizeof g_options.profile_prefix)
+    memcpy(g_options.profile_prefix, prof, strlen(prof) + 1);
+  else if (prof != nullptr)
+    os::write_err("ebb: profile off: EBB_PROFILE is too long\n");
   const char* t = getenv("EBB_TELEMETRY");
   g_options.telemetry = t != nullptr && t[0] == '1';
   const char* dir = getenv("EBB_TELEMETRY_DIR");
@@ -104,6 +111,7 @@ __attribute__((constructor)) static void ebb_constructor() {
   if (g_options.verbose) print_options();
   // With telemetry on, the page must exist (and be served) from the start.
   if (telemetry_wanted()) purger_start();
+  if (g_options.profile_prefix[0] != 0) profile_start();
 }
 
 }  // namespace ebb

@@ -33,7 +33,22 @@ void dealloc_other(void* p, const char* what) {
   if (p == nullptr) return;
   SegmentHeader* h = segment_of_large(p);                // not in a small segment: dealloc() looked
   if (h == nullptr) return check_foreign_free(p, what);  // the loader's, left alone, or a bug
+  if (EBB_UNLIKELY(g_profile_on)) profile_free(p);
   large_free(h, p);
+}
+
+void* alloc_class_sampled(unsigned cls, size_t size) {
+  CacheBin& cb = t_cache.bins[cls];
+  void* p;
+  if (lo16(cb.top) != cb.low) {
+    FreeObj* o = *--cb.top;
+    o->key = 0;
+    p = o;
+  } else {
+    p = tcache_alloc_slow(cls);
+  }
+  profile_alloc(p, size);
+  return p;
 }
 
 static bool is_pow2(size_t a) { return a != 0 && (a & (a - 1)) == 0; }
@@ -47,9 +62,7 @@ void* alloc_aligned(size_t align, size_t size) {
     for (unsigned cls = size_to_class(want); cls <= kNumClasses; cls++)
       if (class_size(cls) % align == 0) return alloc_class(cls, size);
   }
-  t_cache.allocs++;
-  t_cache.alloc_bytes += size;
-  return large_alloc(size, align, false);
+  return alloc_large(size, align, false);
 }
 
 static size_t usable_size(const void* p) {
@@ -82,7 +95,13 @@ static void* reallocate(void* p, size_t size) {
     // Stay in place while the object fits and wastes less than a quarter.
     if (size <= old && size >= old - old / 4) return p;
   } else {
-    if (size > kMaxSmallSize) return large_realloc(h, p, size);
+    if (size > kMaxSmallSize) {
+      // In place or moved, the old block is gone: to the profiler, a free and a new allocation.
+      if (EBB_UNLIKELY(g_profile_on)) profile_free(p);
+      void* q = large_realloc(h, p, size);
+      if (EBB_UNLIKELY(t_cache.alloc_bytes + size >= t_cache.sample_at) && q != nullptr) profile_alloc(q, size);
+      return q;
+    }
     old = large_usable(h, p);
     if (old == 0) os::fatal_pointer("realloc", "invalid pointer", p);
   }
@@ -113,11 +132,7 @@ EBB_API void* calloc(size_t n, size_t size) noexcept {
     errno = ENOMEM;
     return nullptr;
   }
-  if (total > kMaxSmallSize) {
-    t_cache.allocs++;
-    t_cache.alloc_bytes += total;
-    return large_alloc(total, kMinAlign, true);
-  }
+  if (total > kMaxSmallSize) return alloc_large(total, kMinAlign, true);
   void* p = alloc(total);
   if (p != nullptr) memset(p, 0, total);
   return p;

@@ -11,5 +11,6 @@ void register_trim(CLI::App& app, int& rc);
 void register_top(CLI::App& app, int& rc);
 void register_compare(CLI::App& app, int& rc);
 void register_run(CLI::App& app, int& rc);
+void register_profile(CLI::App& app, int& rc);
 
 }  // namespace ebb::cli

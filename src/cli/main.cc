@@ -17,6 +17,7 @@ static int run(int argc, char** argv) {
   ebb::cli::register_trim(app, rc);
   ebb::cli::register_compare(app, rc);
   ebb::cli::register_run(app, rc);
+  ebb::cli::register_profile(app, rc);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

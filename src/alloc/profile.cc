@@ -1,0 +1,555 @@
+// Profiling: allocations sampled by bytes, with their Python stacks, written
+// to a capture file as the program runs (format: src/profile/capture_format.h).
+//
+// Off unless EBB_PROFILE names a file prefix (ebb profile sets it). Off, the
+// cost is what alloc.h already pays for its stats: the byte counter is
+// compared with the thread's next sample point, which stays at "never".
+//
+// On, a random byte every EBB_PROFILE_RATE bytes allocated on average (the
+// gaps are exponential, so sampling does not lock onto a loop's pattern) marks
+// the allocation holding it; the reader weights it by the inverse of its
+// chance of being picked, which keeps the estimate unbiased for every size.
+// The free of a sampled object is recorded too: a small object's span carries
+// a bit (Span::sampled) that sends its frees here, where a table of the live
+// sampled addresses tells them apart. Everything here runs inside malloc or
+// free: no allocation, no Python call but two that only read memory
+// (PyGILState_GetThisThreadState, _Py_IsFinalizing), and one lock taken last.
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "capture_format.h"
+#include "heap.h"
+#include "os.h"
+
+namespace ebb {
+
+bool g_profile_on = false;
+
+namespace {
+
+using capture::Frame;
+
+// ---- CPython 3.11, read in place --------------------------------------------
+// Offsets from Debian's python3.11 headers (Include/cpython/pystate.h,
+// cpython/code.h, internal/pycore_frame.h); tests/integration/test_profile.py
+// compiles a program against those headers and checks them.
+namespace py311 {
+constexpr size_t kTstateCframe = 56;       // PyThreadState::cframe
+constexpr size_t kCframeCurrent = 8;       // _PyCFrame::current_frame
+constexpr size_t kFrameCode = 32;          // _PyInterpreterFrame::f_code
+constexpr size_t kFramePrevious = 48;      // ::previous
+constexpr size_t kFramePrevInstr = 56;     // ::prev_instr
+constexpr size_t kFrameOwner = 69;         // ::owner
+constexpr char kOwnedByGenerator = 1;      // FRAME_OWNED_BY_GENERATOR
+constexpr size_t kObType = 8;              // PyObject::ob_type
+constexpr size_t kCodeFirstLine = 72;      // PyCodeObject::co_firstlineno
+constexpr size_t kCodeFilename = 112;      // ::co_filename
+constexpr size_t kCodeName = 120;          // ::co_name
+constexpr size_t kCodeQualname = 128;      // ::co_qualname
+constexpr size_t kCodeLinetable = 136;     // ::co_linetable
+constexpr size_t kCodeFirstTraceable = 168;  // ::_co_firsttraceable
+constexpr size_t kCodeUnits = 184;         // ::co_code_adaptive
+constexpr size_t kVarSize = 16;            // PyVarObject::ob_size
+constexpr size_t kBytesData = 32;          // PyBytesObject::ob_sval
+constexpr size_t kStrLength = 16;          // PyASCIIObject::length
+constexpr size_t kStrState = 32;           // ::state (bit field)
+constexpr size_t kStrAsciiData = 48;       // sizeof(PyASCIIObject)
+constexpr size_t kStrCompactData = 72;     // sizeof(PyCompactUnicodeObject)
+}  // namespace py311
+
+struct Python {
+  void* (*this_thread_state)() = nullptr;  // PyGILState_GetThisThreadState
+  int (*is_finalizing)() = nullptr;        // _Py_IsFinalizing
+  const void* code_type = nullptr;         // &PyCode_Type: frames whose code is not one are not followed
+  uint32_t version = 0;                    // Py_Version
+};
+Python g_py;
+
+template <typename T>
+T load(const uint8_t* p, size_t off) {
+  T v;
+  memcpy(&v, p + off, sizeof v);
+  return v;
+}
+const uint8_t* load_ptr(const uint8_t* p, size_t off) { return load<const uint8_t*>(p, off); }
+
+// A str object's text as UTF-8 into dst (nullptr: only count), at most cap bytes.
+size_t str_utf8(const uint8_t* s, char* dst, size_t cap) {
+  if (s == nullptr) return 0;
+  const uint64_t len = load<uint64_t>(s, py311::kStrLength);
+  const uint32_t state = load<uint32_t>(s, py311::kStrState);
+  const unsigned kind = (state >> 2) & 7, compact = (state >> 5) & 1, ascii = (state >> 6) & 1;
+  if (!compact) return 0;  // legacy strings: code objects' names never are
+  const uint8_t* data = s + (ascii ? py311::kStrAsciiData : py311::kStrCompactData);
+  size_t n = 0;
+  for (uint64_t i = 0; i < len; i++) {
+    uint32_t c = kind == 1 ? data[i] : kind == 2 ? load<uint16_t>(data, 2 * i) : load<uint32_t>(data, 4 * i);
+    char buf[4];
+    size_t m;
+    if (c < 0x80) {
+      buf[0] = static_cast<char>(c), m = 1;
+    } else if (c < 0x800) {
+      buf[0] = static_cast<char>(0xc0 | (c >> 6)), buf[1] = static_cast<char>(0x80 | (c & 63)), m = 2;
+    } else if (c < 0x10000) {
+      buf[0] = static_cast<char>(0xe0 | (c >> 12)), buf[1] = static_cast<char>(0x80 | ((c >> 6) & 63));
+      buf[2] = static_cast<char>(0x80 | (c & 63)), m = 3;
+    } else {
+      buf[0] = static_cast<char>(0xf0 | (c >> 18)), buf[1] = static_cast<char>(0x80 | ((c >> 12) & 63));
+      buf[2] = static_cast<char>(0x80 | ((c >> 6) & 63)), buf[3] = static_cast<char>(0x80 | (c & 63)), m = 4;
+    }
+    if (n + m > cap) break;
+    if (dst != nullptr) memcpy(dst + n, buf, m);
+    n += m;
+  }
+  return n;
+}
+
+// ---- the capture file -------------------------------------------------------
+Lock g_lock;  // everything below; taken with no other libebb lock held
+int g_fd = -1;
+uint8_t* g_map = nullptr;  // kMaxBytes of address space over the file
+uint64_t g_file_bytes = 0;
+uint64_t g_used = 0;
+capture::Header* g_header = nullptr;
+bool g_all = false;
+bool g_ended = false;
+uint64_t g_rate = 0;
+
+uint64_t now_ns() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1000000000u + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+// Room for a record of `bytes` (a multiple of 8), or nullptr when the file
+// cannot grow (then the capture says it was truncated).
+uint8_t* reserve(size_t bytes) {
+  if (g_map == nullptr) return nullptr;
+  if (g_used + bytes + sizeof(capture::RecordHead) > g_file_bytes) {
+    const uint64_t want = g_file_bytes + capture::kGrowBytes;
+    if (want > capture::kMaxBytes || ftruncate(g_fd, static_cast<off_t>(want)) != 0) {
+      g_header->flags |= capture::kFlagTruncated;
+      return nullptr;
+    }
+    g_file_bytes = want;
+  }
+  uint8_t* at = g_map + g_used;
+  g_used += bytes;
+  return at;
+}
+
+// The record is complete: its length goes in last, for a reader of a capture
+// whose writer died at any point.
+void publish(uint8_t* at, size_t bytes, capture::RecordType type, uint16_t count) {
+  auto* head = reinterpret_cast<capture::RecordHead*>(at);
+  head->type = type;
+  head->count = count;
+  __atomic_store_n(&head->bytes, static_cast<uint32_t>(bytes), __ATOMIC_RELEASE);
+}
+
+constexpr size_t round8(size_t n) { return (n + 7) & ~size_t{7}; }
+
+// ---- code objects seen so far -----------------------------------------------
+struct CodeSlot {
+  const uint8_t* code;
+  const uint8_t* name;  // with first_line: a code object freed and another made at its address is told apart
+  int32_t first_line;
+  uint32_t id;
+};
+constexpr size_t kCodeSlots = size_t{1} << 16;
+CodeSlot* g_codes = nullptr;  // kCodeSlots, mapped at start
+uint32_t g_next_code = 1;
+constexpr size_t kMaxName = 4096;
+
+uint32_t write_code(const uint8_t* code, int32_t first_line) {
+  const uint8_t* file = load_ptr(code, py311::kCodeFilename);
+  const uint8_t* qual = load_ptr(code, py311::kCodeQualname);
+  const uint8_t* table = load_ptr(code, py311::kCodeLinetable);
+  const size_t nf = str_utf8(file, nullptr, kMaxName), nq = str_utf8(qual, nullptr, kMaxName);
+  const uint64_t nt = table != nullptr ? load<uint64_t>(table, py311::kVarSize) : 0;
+  if (nt > (1u << 20)) return 0;
+  const size_t bytes = round8(sizeof(capture::CodeRecord) + nf + nq + nt);
+  uint8_t* at = reserve(bytes);
+  if (at == nullptr) return 0;
+  auto* r = reinterpret_cast<capture::CodeRecord*>(at);
+  r->id = g_next_code++;
+  r->first_line = first_line;
+  r->filename_bytes = static_cast<uint32_t>(nf);
+  r->qualname_bytes = static_cast<uint32_t>(nq);
+  r->linetable_bytes = static_cast<uint32_t>(nt);
+  auto* text = reinterpret_cast<char*>(r + 1);
+  str_utf8(file, text, nf);
+  str_utf8(qual, text + nf, nq);
+  if (nt > 0) memcpy(text + nf + nq, table + py311::kBytesData, nt);
+  publish(at, bytes, capture::kCode, 0);
+  return r->id;
+}
+
+uint32_t code_id(const uint8_t* code) {
+  const uint8_t* name = load_ptr(code, py311::kCodeName);
+  const int32_t first_line = load<int32_t>(code, py311::kCodeFirstLine);
+  size_t i = (reinterpret_cast<uintptr_t>(code) >> 4) * 0x9e3779b97f4a7c15ull >> (64 - 16);
+  for (size_t probe = 0; probe < 64; probe++, i = (i + 1) & (kCodeSlots - 1)) {
+    CodeSlot& s = g_codes[i];
+    if (s.code == code && s.name == name && s.first_line == first_line) return s.id;
+    if (s.code == nullptr || s.code == code) {
+      const uint32_t id = write_code(code, first_line);
+      if (id != 0) s = {code, name, first_line, id};
+      return id;
+    }
+  }
+  return write_code(code, first_line);  // a crowded neighbourhood: written again, still correct
+}
+
+// The calling thread's Python frames, innermost first.
+uint32_t python_frames(Frame* out) {
+  if (g_py.this_thread_state == nullptr) return 0;
+  const auto* ts = static_cast<const uint8_t*>(g_py.this_thread_state());
+  if (ts == nullptr) return 0;
+  const uint8_t* cframe = load_ptr(ts, py311::kTstateCframe);
+  if (cframe == nullptr) return 0;
+  const uint8_t* f = load_ptr(cframe, py311::kCframeCurrent);
+  uint32_t n = 0;
+  while (f != nullptr && n < capture::kMaxFrames) {
+    const uint8_t* code = load_ptr(f, py311::kFrameCode);
+    if (code == nullptr || load_ptr(code, py311::kObType) != g_py.code_type) break;
+    const uint8_t* units = code + py311::kCodeUnits;
+    const uint8_t* instr = load_ptr(f, py311::kFramePrevInstr);
+    const int32_t first_traceable = load<int32_t>(code, py311::kCodeFirstTraceable);
+    // A frame still being set up has run none of its own code (CPython's
+    // _PyFrame_IsIncomplete): CPython leaves it out of tracebacks too.
+    const bool incomplete =
+        load<char>(f, py311::kFrameOwner) != py311::kOwnedByGenerator && instr < units + 2 * first_traceable;
+    if (!incomplete) {
+      const uint32_t id = code_id(code);
+      if (id != 0) out[n++] = {id, instr > units ? static_cast<uint32_t>((instr - units) / 2) : 0};
+    }
+    f = load_ptr(f, py311::kFramePrevious);
+  }
+  return n;
+}
+
+// ---- sampled addresses still live -------------------------------------------
+// Open addressing with backward-shift deletion (no tombstones). Full at 3/4:
+// new samples are dropped and counted.
+constexpr size_t kLiveSlots = size_t{1} << 20;
+uintptr_t* g_live = nullptr;
+size_t g_live_count = 0;
+
+size_t live_hash(uintptr_t a) { return (a >> 4) * 0x9e3779b97f4a7c15ull >> (64 - 20); }
+
+bool live_insert(uintptr_t a) {
+  if (g_live_count >= kLiveSlots / 4 * 3) return false;
+  size_t i = live_hash(a);
+  while (g_live[i] != 0 && g_live[i] != a) i = (i + 1) & (kLiveSlots - 1);
+  if (g_live[i] == 0) g_live_count++;
+  g_live[i] = a;
+  return true;
+}
+
+bool live_remove(uintptr_t a) {
+  size_t i = live_hash(a);
+  while (g_live[i] != a) {
+    if (g_live[i] == 0) return false;
+    i = (i + 1) & (kLiveSlots - 1);
+  }
+  // Pull later members of the run back over the hole while their home allows.
+  for (size_t j = (i + 1) & (kLiveSlots - 1); g_live[j] != 0; j = (j + 1) & (kLiveSlots - 1)) {
+    const size_t home = live_hash(g_live[j]);
+    const bool movable = i <= j ? (home <= i || home > j) : (home <= i && home > j);
+    if (movable) {
+      g_live[i] = g_live[j];
+      i = j;
+    }
+  }
+  g_live[i] = 0;
+  g_live_count--;
+  return true;
+}
+
+// ---- sampling ----------------------------------------------------------------
+// ln(x) for x in (0, 1], without libm: x = m * 2^e, ln m by the atanh series.
+double ln(double x) {
+  uint64_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  int e = static_cast<int>((bits >> 52) & 0x7ff) - 1023;
+  bits = (bits & ((uint64_t{1} << 52) - 1)) | (uint64_t{1023} << 52);
+  double m;
+  memcpy(&m, &bits, sizeof m);
+  if (m > 1.4142135623730951) {
+    m /= 2;
+    e++;
+  }
+  const double t = (m - 1) / (m + 1), t2 = t * t;
+  const double series = 1 + t2 * (1.0 / 3 + t2 * (1.0 / 5 + t2 * (1.0 / 7 + t2 * (1.0 / 9 + t2 / 11))));
+  return e * 0.6931471805599453 + 2 * t * series;
+}
+
+// Bytes to the next sampled byte: exponential with mean g_rate.
+uint64_t next_gap(ThreadCache& tc) {
+  if (tc.rng == 0) tc.rng = os::random64() | 1;
+  tc.rng ^= tc.rng << 13;
+  tc.rng ^= tc.rng >> 7;
+  tc.rng ^= tc.rng << 17;
+  const double u = static_cast<double>((tc.rng >> 11) + 1) * (1.0 / 9007199254740992.0);  // (0, 1]
+  return static_cast<uint64_t>(-ln(u) * static_cast<double>(g_rate)) + 1;
+}
+
+// Under g_lock: the interpreter began to finalize. What is live now is what
+// the program kept to its end; what finalization frees is not its doing.
+bool check_end() {
+  if (g_ended) return true;
+  if (g_py.is_finalizing == nullptr || g_py.is_finalizing() == 0) return false;
+  g_ended = true;
+  uint8_t* at = reserve(sizeof(capture::EndRecord));
+  if (at != nullptr) {
+    reinterpret_cast<capture::EndRecord*>(at)->time_ns = now_ns() - g_header->start_ns;
+    publish(at, sizeof(capture::EndRecord), capture::kEnd, 0);
+  }
+  return true;
+}
+
+void write_free(uintptr_t a) {
+  uint8_t* at = reserve(sizeof(capture::FreeRecord));
+  if (at == nullptr) return;
+  auto* r = reinterpret_cast<capture::FreeRecord*>(at);
+  r->addr = a;
+  r->time_ns = now_ns() - g_header->start_ns;
+  publish(at, sizeof(capture::FreeRecord), capture::kFree, 0);
+}
+
+// Maps `bytes` of fresh anonymous memory (zero), or nullptr.
+template <typename T>
+T* map_table(size_t n) {
+  return static_cast<T*>(os::map_aligned((n * sizeof(T) + kPageSize - 1) & ~(kPageSize - 1), kPageSize));
+}
+
+bool open_capture() {
+  char path[300];
+  char num[24];
+  path[0] = 0;
+  const size_t np = strlen(g_options.profile_prefix);
+  memcpy(path, g_options.profile_prefix, np + 1);
+  const char* pid = os::fmt_dec(num, static_cast<uint64_t>(getpid()));
+  if (np + 1 + strlen(pid) + 8 + 1 > sizeof path) return false;
+  strcat(path, ".");
+  strcat(path, pid);
+  strcat(path, ".ebbprof");
+  g_fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (g_fd < 0) {
+    os::write_err("ebb: profile off: cannot create ");
+    os::write_err(path);
+    os::write_err("\n");
+    return false;
+  }
+  void* m = MAP_FAILED;
+  if (ftruncate(g_fd, static_cast<off_t>(capture::kGrowBytes)) == 0)
+    m = mmap(nullptr, capture::kMaxBytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, g_fd, 0);
+  if (m == MAP_FAILED) {
+    os::write_err("ebb: profile off: cannot map ");
+    os::write_err(path);
+    os::write_err("\n");
+    close(g_fd);
+    g_fd = -1;
+    return false;
+  }
+  g_map = static_cast<uint8_t*>(m);
+  g_file_bytes = capture::kGrowBytes;
+  g_used = sizeof(capture::Header);
+  g_header = reinterpret_cast<capture::Header*>(g_map);
+  g_header->version = capture::kVersion;
+  g_header->header_bytes = sizeof(capture::Header);
+  g_header->pid = getpid();
+  g_header->ppid = getppid();
+  g_header->rate = g_all ? 1 : g_rate;
+  g_header->flags = g_all ? uint32_t{capture::kFlagAll} : 0u;
+  g_header->python = g_py.version;
+  struct timespec rt;
+  clock_gettime(CLOCK_REALTIME, &rt);
+  g_header->start_ns = now_ns();
+  g_header->start_unix_ns = static_cast<uint64_t>(rt.tv_sec) * 1000000000u + static_cast<uint64_t>(rt.tv_nsec);
+  __atomic_store_n(&g_header->magic, capture::kMagic, __ATOMIC_RELEASE);
+  return true;
+}
+
+bool make_tables() {
+  g_codes = map_table<CodeSlot>(kCodeSlots);
+  g_live = g_all ? nullptr : map_table<uintptr_t>(kLiveSlots);
+  g_live_count = 0;
+  g_next_code = 1;
+  return g_codes != nullptr && (g_all || g_live != nullptr);
+}
+
+void drop_tables() {
+  if (g_codes != nullptr) os::unmap(g_codes, (kCodeSlots * sizeof(CodeSlot) + kPageSize - 1) & ~(kPageSize - 1));
+  if (g_live != nullptr) os::unmap(g_live, kLiveSlots * sizeof(uintptr_t));
+  g_codes = nullptr;
+  g_live = nullptr;
+}
+
+// The span of small object p, or nullptr for a large one.
+Span* small_span(const void* p) {
+  const uintptr_t seg = reinterpret_cast<uintptr_t>(p) & ~kSegmentMask;
+  if (!registry_has(seg)) return nullptr;
+  return span_of(reinterpret_cast<SegmentHeader*>(seg), p);
+}
+
+// Sampled object p is live: its span sends its frees to profile_free until
+// its last live sample goes. The bit shares its byte with flags the bins
+// write under their lock, and so does the count.
+void mark_span(const void* p) {
+  Span* s = small_span(p);
+  if (s == nullptr || (g_all && s->sampled)) return;  // large: dealloc_other asks on its own
+  LockGuard guard(g_bins[s->cls].lock);
+  uint8_t& live = segment_of_span(s)->sampled_live[s->slice];
+  if (live < 255) live++;
+  s->sampled = true;
+}
+
+// Sampled object p was freed.
+void unmark_span(const void* p) {
+  Span* s = small_span(p);
+  if (s == nullptr) return;
+  LockGuard guard(g_bins[s->cls].lock);
+  uint8_t& live = segment_of_span(s)->sampled_live[s->slice];
+  if (live == 0 || live == 255) return;  // 255: too many to count, marked for good
+  if (--live == 0) s->sampled = false;
+}
+
+}  // namespace
+
+void profile_start() {
+  const uint32_t rate = g_options.profile_rate;
+  g_all = rate <= 1;
+  g_rate = g_all ? 1 : rate;
+  // The interpreter's entry points, if this is CPython 3.11. dlsym may
+  // allocate: this runs in the library constructor, not inside malloc.
+  const auto* version = static_cast<const unsigned long*>(dlsym(RTLD_DEFAULT, "Py_Version"));
+  if (version != nullptr) {
+    g_py.version = static_cast<uint32_t>(*version);
+    if ((*version >> 16) == 0x030b) {
+      g_py.this_thread_state = reinterpret_cast<void* (*)()>(dlsym(RTLD_DEFAULT, "PyGILState_GetThisThreadState"));
+      g_py.is_finalizing = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "_Py_IsFinalizing"));
+      g_py.code_type = dlsym(RTLD_DEFAULT, "PyCode_Type");
+      if (g_py.code_type == nullptr) g_py.this_thread_state = nullptr;
+    } else {
+      os::write_err("ebb: profile: this Python is not 3.11; allocations are recorded without Python stacks\n");
+    }
+  }
+  LockGuard guard(g_lock);
+  if (!make_tables() || !open_capture()) {
+    drop_tables();
+    return;
+  }
+  g_profile_on = true;
+}
+
+void profile_alloc(void* p, size_t size) {
+  ThreadCache& tc = t_cache;
+  if (!g_profile_on || p == nullptr) {
+    if (!g_profile_on) tc.sample_at = UINT64_MAX;
+    return;
+  }
+  if (tc.in_profile) return;
+  if (!tc.sample_armed) {  // this thread's first call: start its countdown, do not sample
+    tc.sample_armed = true;
+    tc.sample_at = g_all ? 0 : tc.alloc_bytes + next_gap(tc);
+    if (!g_all) return;
+  }
+  if (!g_all) tc.sample_at = tc.alloc_bytes + next_gap(tc);
+  tc.in_profile = true;
+  if (tc.tid == 0) tc.tid = static_cast<uint32_t>(syscall(SYS_gettid));
+  bool recorded = false;
+  {
+    LockGuard guard(g_lock);
+    if (check_end()) {
+      g_profile_on = false;
+    } else if (!g_all && !live_insert(reinterpret_cast<uintptr_t>(p))) {
+      g_header->dropped++;
+    } else {
+      recorded = true;
+      Frame frames[capture::kMaxFrames];
+      const uint32_t n = python_frames(frames);
+      const size_t bytes = sizeof(capture::AllocRecord) + n * sizeof(Frame);
+      uint8_t* at = reserve(bytes);
+      if (at != nullptr) {
+        auto* r = reinterpret_cast<capture::AllocRecord*>(at);
+        r->tid = tc.tid;
+        r->addr = reinterpret_cast<uintptr_t>(p);
+        r->size = size;
+        r->time_ns = now_ns() - g_header->start_ns;
+        memcpy(static_cast<void*>(r + 1), frames, n * sizeof(Frame));
+        publish(at, bytes, capture::kAlloc, static_cast<uint16_t>(n));
+      }
+    }
+  }
+  if (recorded) mark_span(p);
+  tc.in_profile = false;
+}
+
+void profile_free(const void* p) {
+  if (!g_profile_on) return;
+  ThreadCache& tc = t_cache;
+  if (tc.in_profile) return;
+  tc.in_profile = true;
+  bool was_sampled = false;
+  {
+    LockGuard guard(g_lock);
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    if (check_end()) {
+      g_profile_on = false;
+    } else if (g_all || live_remove(a)) {
+      was_sampled = true;
+      write_free(a);
+    }
+  }
+  if (was_sampled && !g_all) unmark_span(p);
+  tc.in_profile = false;
+}
+
+void profile_before_fork() { g_lock.lock(); }
+void profile_after_fork_parent() { g_lock.unlock(); }
+
+void profile_after_fork_child() {
+  g_lock.reset_after_fork();
+  if (g_map == nullptr) return;
+  // The parent's capture is the parent's: the child starts its own, with
+  // its own code table (the new file must describe every code it names).
+  munmap(g_map, capture::kMaxBytes);
+  close(g_fd);
+  g_map = nullptr;
+  g_header = nullptr;
+  g_fd = -1;
+  drop_tables();
+  ThreadCache& tc = t_cache;
+  tc.tid = 0;
+  tc.in_profile = false;
+  if (g_ended || !make_tables() || !open_capture()) {
+    drop_tables();
+    g_profile_on = false;
+    return;
+  }
+  g_profile_on = true;
+}
+
+}  // namespace ebb
+
+namespace ebb {
+
+// At exit the capture loses its zero tail (it grew in kGrowBytes steps). A
+// thread still running may record more: reserve() grows the file again.
+__attribute__((destructor)) static void profile_close() {
+  LockGuard guard(g_lock);
+  if (g_map == nullptr || g_header->pid != getpid()) return;
+  const uint64_t keep = g_used + sizeof(capture::RecordHead);
+  if (ftruncate(g_fd, static_cast<off_t>(keep)) == 0) g_file_bytes = keep;
+}
+
+}  // namespace ebb

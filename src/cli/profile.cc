@@ -1,0 +1,271 @@
+// ebb profile: run a command with libebb's allocation profiler on, and read
+// what it captured (docs/profile.md).
+//
+//   ebb profile [-o PREFIX] [--rate SIZE | --all] -- COMMAND...
+//   ebb profile report CAPTURE... [--format table|json] [--at peak|end|total|TIME] [--top N]
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fmt/core.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "commands.h"
+#include "exec.h"
+#include "format.h"
+#include "launch.h"
+#include "report.h"
+
+namespace ebb::cli {
+
+namespace {
+
+struct ProfileOptions {
+  std::string prefix = "ebb-profile";
+  std::string rate = "512K";
+  bool all = false;
+  std::vector<std::string> command;
+};
+
+struct ReportOptions {
+  std::vector<std::string> files;
+  std::string format = "table";
+  std::string at = "peak";
+  std::string sort = "own";
+  size_t top = 20;
+};
+
+// The capture files <prefix>.<pid>.ebbprof written since `since` (mtime).
+std::vector<std::string> captures_of(const std::string& prefix, time_t since) {
+  const size_t slash = prefix.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : prefix.substr(0, slash);
+  const std::string base = slash == std::string::npos ? prefix : prefix.substr(slash + 1);
+  std::vector<std::string> out;
+  DIR* d = opendir(dir.c_str());
+  if (d == nullptr) return out;
+  while (dirent* e = readdir(d)) {
+    const std::string name = e->d_name;
+    const std::string tail = ".ebbprof";
+    if (name.size() <= base.size() + 1 + tail.size() || name.compare(0, base.size() + 1, base + ".") != 0 ||
+        name.compare(name.size() - tail.size(), tail.size(), tail) != 0)
+      continue;
+    const std::string pid = name.substr(base.size() + 1, name.size() - base.size() - 1 - tail.size());
+    if (pid.empty() || !std::all_of(pid.begin(), pid.end(), ::isdigit)) continue;
+    const std::string path = (slash == std::string::npos ? "" : dir + "/") + name;
+    struct stat st;
+    if (stat(path.c_str(), &st) == 0 && st.st_mtime >= since) out.push_back(path);
+  }
+  closedir(d);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+int run_profile(const ProfileOptions& o) {
+  uint64_t rate = 1;
+  if (!o.all && (!parse_size(o.rate, &rate) || rate < 2 || rate > UINT32_MAX)) {
+    error("profile", "--rate wants a size from 2 bytes to 4G (for example 512K), or --all for every allocation");
+    return 2;
+  }
+  if (o.command.empty()) {
+    error("profile", "no command: ebb profile [-o PREFIX] [--rate SIZE|--all] -- COMMAND...");
+    return 2;
+  }
+  if (!runnable(o.command[0])) {
+    error("profile", fmt::format("cannot run {}: not found", o.command[0]));
+    return 127;
+  }
+  const size_t slash = o.prefix.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : o.prefix.substr(0, slash);
+  if (access(dir.c_str(), W_OK) != 0) {
+    error("profile", fmt::format("cannot write captures in {}: {}", dir, strerror(errno)));
+    return 1;
+  }
+  std::string why;
+  auto alloc = resolve("ebb", &why);
+  if (!alloc) {
+    error("profile", why);
+    return 1;
+  }
+  std::string prefix = o.prefix;
+  if (prefix[0] != '/') {
+    char cwd[4096];
+    if (getcwd(cwd, sizeof cwd) != nullptr) prefix = std::string(cwd) + "/" + prefix;
+  }
+  if (prefix.size() >= 200) {
+    error("profile", "the capture prefix is too long (at most 199 bytes as an absolute path)");
+    return 2;
+  }
+  std::vector<std::string> env =
+      child_environment(*alloc, {"EBB_PROFILE=" + prefix, "EBB_PROFILE_RATE=" + std::to_string(o.all ? 1 : rate)});
+  std::vector<std::string> args = o.command;
+  std::vector<char*> envp = proc::c_strings(env), argv = proc::c_strings(args);
+  const time_t since = time(nullptr) - 1;
+  // Like system(): ^C and ^\ reach the command, which decides; ebb waits for it.
+  struct sigaction ignore{}, old_int{}, old_quit{};
+  ignore.sa_handler = SIG_IGN;
+  sigaction(SIGINT, &ignore, &old_int);
+  sigaction(SIGQUIT, &ignore, &old_quit);
+  pid_t pid = fork();
+  if (pid < 0) {
+    error("profile", fmt::format("fork: {}", strerror(errno)));
+    return 1;
+  }
+  if (pid == 0) {
+    sigaction(SIGINT, &old_int, nullptr);
+    sigaction(SIGQUIT, &old_quit, nullptr);
+    execvpe(argv[0], argv.data(), envp.data());
+    fmt::print(stderr, "ebb profile: cannot run {}: {}\n", argv[0], strerror(errno));
+    _exit(127);
+  }
+  int status = 0;
+  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  sigaction(SIGINT, &old_int, nullptr);
+  sigaction(SIGQUIT, &old_quit, nullptr);
+  const int rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  const auto files = captures_of(prefix, since);
+  if (files.empty()) {
+    error("profile", "the command wrote no capture (is it a dynamically linked program? see docs/profile.md)");
+    return rc != 0 ? rc : 1;
+  }
+  fmt::print(stderr, "ebb profile: {} capture{} (command exited {}):\n", files.size(), files.size() == 1 ? "" : "s",
+             WIFEXITED(status) ? fmt::format("with status {}", rc) : fmt::format("on signal {}", WTERMSIG(status)));
+  for (const auto& f : files) fmt::print(stderr, "  {}\n", f);
+  fmt::print(stderr, "read one with: ebb profile report {}\n", files.front());
+  return rc;
+}
+
+double seconds(uint64_t ns) { return static_cast<double>(ns) / 1e9; }
+std::string size(double bytes) { return human_bytes(static_cast<uint64_t>(std::llround(bytes))); }
+
+std::string where(const profile::Site& s) {
+  if (s.file.empty()) return s.function;
+  return fmt::format("{}  {}:{}", s.function, s.file, s.line);
+}
+
+nlohmann::json site_json(const profile::Site& s) {
+  return {{"function", s.function},        {"file", s.file},
+          {"line", s.line},                {"own_bytes", std::llround(s.own)},
+          {"inclusive_bytes", std::llround(s.inclusive)}, {"count", s.count}};
+}
+
+// The snapshot --at names: peak, end, total, or a time ("12.5s", "500ms").
+bool pick(const profile::Capture& c, const profile::Analysis& a, const std::string& at, profile::Snapshot* out) {
+  if (at == "peak") *out = a.peak;
+  else if (at == "end") *out = a.end;
+  else if (at == "total") *out = a.total;
+  else {
+    double s = 0;
+    if (!parse_duration(at, &s)) return false;
+    *out = profile::snapshot_at(c, static_cast<uint64_t>(s * 1e9));
+    out->name = at;
+  }
+  return true;
+}
+
+std::string mode_of(const profile::Capture& c) {
+  return c.all ? "every allocation" : fmt::format("sampled, one byte in {} on average", human_bytes(c.rate));
+}
+
+int run_report(const ReportOptions& o) {
+  if (o.sort != "own" && o.sort != "inclusive") {
+    error("profile report", "--sort is own or inclusive");
+    return 2;
+  }
+  if (o.format != "table" && o.format != "json") {
+    error("profile report", "--format is table or json");
+    return 2;
+  }
+  int rc = 0;
+  nlohmann::json all = nlohmann::json::array();
+  for (const auto& file : o.files) {
+    profile::Capture c;
+    try {
+      c = profile::read_capture(file);
+    } catch (const std::exception& e) {
+      error("profile report", e.what());
+      rc = 1;
+      continue;
+    }
+    const profile::Analysis a = profile::analyze(c);
+    profile::Snapshot snap;
+    if (!pick(c, a, o.at, &snap)) {
+      error("profile report", fmt::format("--at wants peak, end, total or a time such as 2.5s, not {}", o.at));
+      return 2;
+    }
+    auto list = profile::sites(c, snap);
+    if (o.sort == "inclusive")
+      std::stable_sort(list.begin(), list.end(),
+                       [](const profile::Site& x, const profile::Site& y) { return x.inclusive > y.inclusive; });
+    if (list.size() > o.top) list.resize(o.top);
+    if (o.format == "json") {
+      nlohmann::json j = {{"capture", file},
+                          {"pid", c.pid},
+                          {"ppid", c.ppid},
+                          {"mode", c.all ? "all" : "sampled"},
+                          {"rate", c.rate},
+                          {"python", fmt::format("{}.{}", c.python >> 24, (c.python >> 16) & 255)},
+                          {"complete", c.complete},
+                          {"truncated", c.truncated},
+                          {"dropped_samples", c.dropped},
+                          {"peak", {{"bytes", std::llround(a.peak.bytes)}, {"time_s", seconds(a.peak.time_ns)}}},
+                          {"end", {{"bytes", std::llround(a.end.bytes)}, {"time_s", seconds(a.end.time_ns)}}},
+                          {"total_bytes", std::llround(a.total.bytes)},
+                          {"view", {{"at", snap.name}, {"bytes", std::llround(snap.bytes)}, {"time_s", seconds(snap.time_ns)}}},
+                          {"sites", nlohmann::json::array()}};
+      for (const auto& s : list) j["sites"].push_back(site_json(s));
+      all.push_back(std::move(j));
+      continue;
+    }
+    fmt::print("{}: pid {}, {}{}\n", file, c.pid, mode_of(c),
+               c.complete ? "" : " (cut short: the process died while writing; read up to its last record)");
+    if (c.truncated) fmt::print("  the capture reached its size limit: later allocations are missing\n");
+    if (c.dropped > 0) fmt::print("  {} samples dropped (too many live samples at once: use a larger --rate)\n", c.dropped);
+    fmt::print("  heap at peak {} ({:.2f} s), at end {} ({:.2f} s), allocated in all {}\n", size(a.peak.bytes),
+               seconds(a.peak.time_ns), size(a.end.bytes), seconds(a.end.time_ns), size(a.total.bytes));
+    fmt::print("  {} at {}:\n", snap.name == "total" ? "allocated in all" : "live", snap.name);
+    Table t({"OWN", "INCLUSIVE", "SAMPLES", "WHERE"}, {true, true, true, false});
+    for (const auto& s : list)
+      t.add({size(s.own), size(s.inclusive),
+             std::to_string(s.count), where(s)});
+    fmt::print("{}\n", t.render());
+  }
+  if (o.format == "json") fmt::print("{}\n", all.size() == 1 ? all[0].dump(2) : all.dump(2));
+  return rc;
+}
+
+}  // namespace
+
+void register_profile(CLI::App& app, int& rc) {
+  auto o = std::make_shared<ProfileOptions>();
+  auto* sub = app.add_subcommand("profile", "Run a command with allocation profiling: who holds the memory");
+  sub->add_option("-o,--output", o->prefix, "Capture files PREFIX.<pid>.ebbprof, one per process (default: ebb-profile)");
+  sub->add_option("--rate", o->rate, "Sample one byte in SIZE allocated, on average (default: 512K)");
+  sub->add_flag("--all", o->all, "Record every allocation (exact, slower, bigger captures)");
+  sub->add_option("command", o->command, "The command to run, after --");
+  sub->positionals_at_end(true);
+  sub->require_subcommand(0, 1);
+
+  auto r = std::make_shared<ReportOptions>();
+  auto* rep = sub->add_subcommand("report", "Show what a capture holds: top call sites at the peak, the end, or in all");
+  rep->add_option("capture", r->files, "Capture files (.ebbprof)")->required();
+  rep->add_option("--format", r->format, "table or json (default: table)");
+  rep->add_option("--at", r->at, "peak, end (what was still live), total (everything allocated), or a time such as 2.5s");
+  rep->add_option("--top", r->top, "Call sites to show (default: 20)");
+  rep->add_option("--sort", r->sort, "own (bytes allocated by the line itself, default) or inclusive (and its callees)");
+  rep->callback([r, &rc] { rc = run_report(*r); });
+
+  sub->callback([o, sub, &rc] {
+    if (sub->got_subcommand("report")) return;
+    rc = run_profile(*o);
+  });
+}
+
+}  // namespace ebb::cli

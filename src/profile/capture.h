@@ -1,0 +1,55 @@
+// Reading a capture of `ebb profile` (format: capture_format.h) into memory.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ebb::profile {
+
+struct Code {
+  std::string filename;
+  std::string qualname;
+  int first_line = 0;
+  std::vector<uint8_t> linetable;  // CPython 3.11's co_linetable
+  // The line of code unit `instr` (CPython's PyCode_Addr2Line); -1 if none.
+  int line_of(uint32_t instr) const;
+};
+
+struct Location {  // one Python frame, resolved
+  uint32_t code = 0;
+  int line = 0;
+  bool operator==(const Location&) const = default;
+};
+
+enum class EventKind : uint8_t { kAlloc, kFree, kEnd };
+
+struct Event {
+  EventKind kind;
+  uint32_t tid = 0;
+  uint64_t addr = 0;
+  uint64_t size = 0;
+  uint64_t time_ns = 0;
+  uint32_t stack = 0;  // kAlloc: index into Capture::stacks
+};
+
+struct Capture {
+  std::string path;
+  int pid = 0;
+  int ppid = 0;
+  uint64_t rate = 0;  // mean bytes between samples; 1: every allocation
+  bool all = false;
+  bool truncated = false;  // the writer ran out of room
+  bool complete = true;    // false: the file ends inside a record (the writer died mid-write)
+  uint32_t python = 0;     // Py_Version, 0 if not CPython
+  uint64_t dropped = 0;
+  uint64_t start_unix_ns = 0;
+  std::vector<Code> codes;                   // by CodeRecord id (index 0 unused)
+  std::vector<std::vector<Location>> stacks;  // distinct stacks, innermost first
+  std::vector<Event> events;                  // in file order
+};
+
+// Reads `path`; throws std::runtime_error with a one-line reason if it is not a capture.
+Capture read_capture(const std::string& path);
+
+}  // namespace ebb::profile

@@ -1,0 +1,105 @@
+// The capture file of `ebb profile`: written by libebb as the program runs,
+// read by the ebb tool (src/profile/capture.cc). Shared by both, like the
+// telemetry page: plain structs, no libstdc++.
+//
+//   <prefix>.<pid>.ebbprof   one file per process (a forked child starts its own)
+//
+// A Header, then records one after the other, each 8-byte aligned and
+// starting with a RecordHead. libebb maps the file MAP_SHARED and writes a
+// record's body before its `bytes` field (release order): the kernel keeps
+// the pages of a process that dies, so a capture cut short by SIGKILL or the
+// OOM killer reads up to its last complete record, and a reader stops at the
+// first head whose `bytes` is 0. The file grows in kGrowBytes steps, so its
+// tail is zeros.
+//
+// Python frames are (code id, instruction index) pairs; a Code record, written
+// the first time a code object is seen, carries its names and its location
+// table (co_linetable), from which the reader computes line numbers: the
+// allocator never decodes anything while it holds a lock inside malloc.
+#pragma once
+
+#include <cstdint>
+
+namespace ebb::capture {
+
+constexpr uint64_t kMagic = 0x31666f7270626265ull;  // "ebbprof1"
+constexpr uint32_t kVersion = 1;
+constexpr uint64_t kGrowBytes = uint64_t{8} << 20;
+constexpr uint64_t kMaxBytes = uint64_t{64} << 30;  // address space reserved for one capture
+constexpr uint32_t kMaxFrames = 128;                 // deeper stacks keep their innermost frames
+
+enum Flags : uint32_t {
+  kFlagAll = 1,        // every allocation recorded (--all), not sampled
+  kFlagTruncated = 2,  // the capture reached kMaxBytes: later events are missing
+};
+
+struct Header {
+  uint64_t magic;
+  uint32_t version;
+  uint32_t header_bytes;  // sizeof(Header) of the writer: records start there
+  int32_t pid;
+  int32_t ppid;
+  uint64_t rate;            // mean bytes between samples (1 with kFlagAll)
+  uint64_t start_ns;        // CLOCK_MONOTONIC when the capture began
+  uint64_t start_unix_ns;   // CLOCK_REALTIME at the same moment
+  uint32_t flags;           // Flags (kFlagTruncated is set while running)
+  uint32_t python;          // Py_Version of the traced interpreter, 0 if none was found
+  uint64_t dropped;         // samples not recorded (table of live samples full)
+};
+
+enum RecordType : uint16_t {
+  kCode = 1,   // CodeRecord + filename + qualname + linetable bytes
+  kAlloc = 2,  // AllocRecord + `count` Frames
+  kFree = 3,   // FreeRecord
+  kEnd = 4,    // EndRecord: the interpreter began to finalize (what is live is "at the end")
+};
+
+struct RecordHead {
+  uint32_t bytes;  // the whole record, head included, a multiple of 8; 0: no record (yet)
+  uint16_t type;   // RecordType
+  uint16_t count;  // kAlloc: frames that follow
+};
+
+struct CodeRecord {
+  RecordHead head;
+  uint32_t id;  // referenced by Frame::code
+  int32_t first_line;
+  uint32_t filename_bytes;  // UTF-8, not terminated
+  uint32_t qualname_bytes;
+  uint32_t linetable_bytes;  // CPython 3.11's co_linetable
+  uint32_t pad;
+};
+
+struct Frame {
+  uint32_t code;   // CodeRecord::id
+  uint32_t instr;  // index of the code unit being run (prev_instr)
+};
+
+struct AllocRecord {
+  RecordHead head;
+  uint32_t tid;
+  uint32_t pad;
+  uint64_t addr;
+  uint64_t size;     // bytes asked for
+  uint64_t time_ns;  // since Header::start_ns
+  // Frame frames[head.count], innermost first
+};
+
+struct FreeRecord {
+  RecordHead head;
+  uint32_t pad;
+  uint64_t addr;
+  uint64_t time_ns;
+};
+
+struct EndRecord {
+  RecordHead head;
+  uint32_t pad;
+  uint64_t time_ns;
+};
+
+static_assert(sizeof(Header) == 64, "the header's layout is part of the format");
+static_assert(sizeof(AllocRecord) % 8 == 0 && sizeof(CodeRecord) % 8 == 0 && sizeof(FreeRecord) % 8 == 0,
+              "records stay 8-byte aligned");
+
+}  // namespace ebb::capture

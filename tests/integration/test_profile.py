@@ -1,0 +1,284 @@
+"""ebb profile: captures of real Python programs, and what the report says about them."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PY = "/usr/bin/python3"
+MB = 1_000_000
+
+# Known amounts at known lines. bytes(n) asks malloc for n + 33 bytes
+# (the object's header), the only allocation of its line.
+ATTRIB = '''
+def build_cache():
+    cache = [None] * 600
+    for i in range(600):
+        cache[i] = bytes(100_000)                        # CACHE: 600 x 100,033 B kept
+    return cache
+
+def build_temp():
+    temp = [None] * 1000
+    for i in range(1000):
+        temp[i] = bytes(100_000)                         # TEMP: freed before the end
+    return temp
+
+def parse():
+    out = [None] * 6000
+    for i in range(6000):
+        out[i] = bytes(1000)                             # PARSE: 6000 x 1,033 B kept
+    return out
+
+def churn():
+    for _ in range(2000):
+        b = bytes(100_000)                               # CHURN: allocated and freed
+        del b
+
+cache = build_cache()
+parsed = parse()
+temp = build_temp()
+del temp
+churn()
+'''
+CACHE, TEMP, PARSE, CHURN = 600 * 100_033, 1000 * 100_033, 6000 * 1_033, 2000 * 100_033
+
+
+def profile(ebb_bin, tmp_path, script, *options, timeout=120):
+    path = tmp_path / "prog.py"
+    path.write_text(script)
+    prefix = tmp_path / "cap"
+    r = subprocess.run([ebb_bin, "profile", "-o", str(prefix), *options, "--", PY, str(path)],
+                       capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    captures = sorted(tmp_path.glob("cap.*.ebbprof"))
+    return r, captures
+
+
+def report(ebb_bin, capture, at="peak", top=100_000):
+    r = subprocess.run([ebb_bin, "profile", "report", str(capture), "--format", "json", "--at", at,
+                        "--top", str(top)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def site(rep, function, field="own_bytes", line=None):
+    """Bytes of the sites of `function` (all its lines, or `line`), own or inclusive."""
+    return sum(s[field] for s in rep["sites"] if s["function"] == function and line in (None, s["line"]))
+
+
+def at_line(rep, marker, script=None):
+    """Own bytes of the line of ATTRIB marked `# MARKER:`."""
+    script = script or ATTRIB
+    line = line_of(script, f"# {marker}:")
+    return sum(s["own_bytes"] for s in rep["sites"] if s["line"] == line and s["file"].endswith("prog.py"))
+
+
+def line_of(script, needle):
+    return next(i for i, text in enumerate(script.splitlines(), 1) if needle in text)
+
+
+def test_every_allocation_mode_attributes_exactly(ebb_bin, tmp_path):
+    r, caps = profile(ebb_bin, tmp_path, ATTRIB, "--all")
+    assert r.returncode == 0, r.stderr
+    assert len(caps) == 1 and str(caps[0]) in r.stderr
+    peak, end, total = (report(ebb_bin, caps[0], at) for at in ("peak", "end", "total"))
+    assert peak["mode"] == "all" and peak["complete"]
+    for rep in (peak, end):
+        assert at_line(rep, "CACHE") == CACHE
+        assert at_line(rep, "PARSE") == PARSE
+        assert at_line(rep, "CHURN") == 0
+    assert at_line(peak, "TEMP") == TEMP
+    assert at_line(end, "TEMP") == 0
+    assert at_line(total, "CHURN") == CHURN
+    assert at_line(total, "TEMP") == TEMP
+    assert at_line(total, "CACHE") == CACHE
+    # Inclusive: the module's line that calls build_cache() holds what build_cache() allocated.
+    call = line_of(ATTRIB, "cache = build_cache()")
+    assert site(peak, "<module>", "inclusive_bytes", call) >= CACHE
+    assert CACHE + TEMP + PARSE <= peak["peak"]["bytes"] < CACHE + TEMP + PARSE + 5 * MB
+    assert CACHE + PARSE <= end["end"]["bytes"] < CACHE + PARSE + 5 * MB
+    assert total["total_bytes"] >= CACHE + TEMP + PARSE + CHURN
+
+
+def test_sampled_mode_is_within_ten_percent(ebb_bin, tmp_path):
+    # 4 KiB: parse()'s 6 MB is then ~1,400 samples (2.5% standard error).
+    r, caps = profile(ebb_bin, tmp_path, ATTRIB, "--rate", "4K")
+    assert r.returncode == 0, r.stderr
+    peak, end, total = (report(ebb_bin, caps[0], at) for at in ("peak", "end", "total"))
+    assert peak["mode"] == "sampled" and peak["rate"] == 4096
+    for rep, marker, want in [(peak, "CACHE", CACHE), (peak, "TEMP", TEMP), (peak, "PARSE", PARSE),
+                              (end, "CACHE", CACHE), (end, "PARSE", PARSE),
+                              (total, "CHURN", CHURN), (total, "TEMP", TEMP), (total, "CACHE", CACHE)]:
+        got = at_line(rep, marker)
+        assert abs(got - want) <= 0.10 * want, (rep["view"]["at"], marker, got, want)
+    assert at_line(end, "TEMP") < 0.02 * TEMP
+    assert abs(peak["peak"]["bytes"] - (CACHE + TEMP + PARSE)) < 0.10 * (CACHE + TEMP + PARSE)
+
+
+def test_default_rate_catches_big_allocations(ebb_bin, tmp_path):
+    r, caps = profile(ebb_bin, tmp_path, ATTRIB)
+    assert r.returncode == 0, r.stderr
+    peak = report(ebb_bin, caps[0])
+    assert peak["rate"] == 512 * 1024
+    # 100 KB objects at 512 KiB: 18% of them sampled, so 60 MB is ~110 samples (10% error).
+    got = at_line(peak, "CACHE")
+    assert 0.7 * CACHE < got < 1.3 * CACHE
+
+
+FORKS = '''
+import os
+def fill(n):
+    out = [None] * n
+    for i in range(n):
+        out[i] = bytes(100_000)
+    return out
+def parent_work():
+    return fill(100)
+def child_work():
+    return fill(300)
+kept = parent_work()
+pid = os.fork()
+if pid == 0:
+    more = child_work()
+    os._exit(0)
+os.waitpid(pid, 0)
+'''
+
+
+def test_a_forked_child_writes_its_own_capture(ebb_bin, tmp_path):
+    r, caps = profile(ebb_bin, tmp_path, FORKS, "--all")
+    assert r.returncode == 0, r.stderr
+    assert len(caps) == 2, (caps, r.stderr)
+    reps = [report(ebb_bin, c, "total") for c in caps]
+    parent = next(x for x in reps if x["pid"] != reps[0]["ppid"] or x is reps[1])
+    by_pid = {x["pid"]: x for x in reps}
+    child = next(x for x in reps if x["ppid"] in by_pid)
+    parent = by_pid[child["ppid"]]
+    fill = line_of(FORKS, "out[i] = bytes")
+    assert 300 * 100_033 < site(child, "child_work", "inclusive_bytes") < 300 * 100_033 + 64_000
+    assert site(child, "fill", "own_bytes", fill) == 300 * 100_033
+    assert site(parent, "child_work", "inclusive_bytes") == 0
+    assert site(parent, "fill", "own_bytes", fill) == 100 * 100_033
+    # What the child inherited is the parent's: not in the child's capture.
+    assert site(child, "parent_work", "inclusive_bytes") == 0
+
+
+HOLD = '''
+import sys, time
+def hold():
+    out = [None] * 400
+    for i in range(400):
+        out[i] = bytes(100_000)
+    return out
+kept = hold()
+print("ready", flush=True)
+time.sleep(60)
+'''
+
+
+def test_a_sigkilled_process_leaves_a_capture_that_reads(ebb_bin, tmp_path):
+    path = tmp_path / "prog.py"
+    path.write_text(HOLD)
+    p = subprocess.Popen([ebb_bin, "profile", "-o", str(tmp_path / "cap"), "--all", "--", PY, str(path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        caps = sorted(tmp_path.glob("cap.*.ebbprof"))
+        assert len(caps) == 1
+        pid = int(caps[0].name.split(".")[1])
+        os.kill(pid, signal.SIGKILL)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGKILL, err
+    rep = report(ebb_bin, caps[0], "end")
+    assert site(rep, "hold", "own_bytes", line_of(HOLD, "out[i] = bytes")) == 400 * 100_033
+    table = subprocess.run([ebb_bin, "profile", "report", str(caps[0])], capture_output=True, text=True)
+    assert table.returncode == 0 and "hold" in table.stdout
+
+
+THREADS = '''
+import threading
+barrier = threading.Barrier(4)
+kept = [[None] * 200 for _ in range(4)]
+def fill(k):
+    barrier.wait()
+    for i in range(200):
+        kept[k][i] = bytes(50_000)
+def worker_0(): fill(0)
+def worker_1(): fill(1)
+def worker_2(): fill(2)
+def worker_3(): fill(3)
+ts = [threading.Thread(target=f) for f in (worker_0, worker_1, worker_2, worker_3)]
+for t in ts: t.start()
+for t in ts: t.join()
+'''
+
+
+def test_threads_allocating_at_once_are_each_attributed(ebb_bin, tmp_path):
+    r, caps = profile(ebb_bin, tmp_path, THREADS, "--all")
+    assert r.returncode == 0, r.stderr
+    rep = report(ebb_bin, caps[0], "end")
+    for i in range(4):
+        assert site(rep, f"worker_{i}", "inclusive_bytes") == 200 * 50_033
+    assert site(rep, "fill", "own_bytes", line_of(THREADS, "= bytes(50_000)")) == 4 * 200 * 50_033
+
+
+def test_the_offsets_libebb_reads_python_frames_with_match_the_headers(tmp_path):
+    """libebb reads CPython 3.11's frames at fixed offsets: they must be this Python's."""
+    source = (REPO / "src/alloc/profile.cc").read_text()
+    ours = dict(re.findall(r"constexpr size_t (k\w+) = (\d+);", source.split("namespace py311 {")[1].split("}")[0]))
+    fields = {"kTstateCframe": "offsetof(PyThreadState, cframe)",
+              "kCframeCurrent": "offsetof(_PyCFrame, current_frame)",
+              "kFrameCode": "offsetof(_PyInterpreterFrame, f_code)",
+              "kFramePrevious": "offsetof(_PyInterpreterFrame, previous)",
+              "kFramePrevInstr": "offsetof(_PyInterpreterFrame, prev_instr)",
+              "kFrameOwner": "offsetof(_PyInterpreterFrame, owner)",
+              "kObType": "offsetof(PyObject, ob_type)",
+              "kCodeFirstLine": "offsetof(PyCodeObject, co_firstlineno)",
+              "kCodeFilename": "offsetof(PyCodeObject, co_filename)",
+              "kCodeName": "offsetof(PyCodeObject, co_name)",
+              "kCodeQualname": "offsetof(PyCodeObject, co_qualname)",
+              "kCodeLinetable": "offsetof(PyCodeObject, co_linetable)",
+              "kCodeFirstTraceable": "offsetof(PyCodeObject, _co_firsttraceable)",
+              "kCodeUnits": "offsetof(PyCodeObject, co_code_adaptive)",
+              "kVarSize": "offsetof(PyVarObject, ob_size)",
+              "kBytesData": "offsetof(PyBytesObject, ob_sval)",
+              "kStrLength": "offsetof(PyASCIIObject, length)",
+              "kStrState": "offsetof(PyASCIIObject, state)",
+              "kStrAsciiData": "sizeof(PyASCIIObject)",
+              "kStrCompactData": "sizeof(PyCompactUnicodeObject)"}
+    assert set(ours) == set(fields)
+    prog = tmp_path / "offsets.c"
+    prog.write_text("#define Py_BUILD_CORE 1\n#include <Python.h>\n#include <stddef.h>\n#include <stdio.h>\n"
+                    "#include \"internal/pycore_frame.h\"\nint main(void) {\n" +
+                    "".join(f'  printf("{k} %zu\\n", (size_t)({v}));\n' for k, v in fields.items()) +
+                    "  printf(\"owner_by_generator %d\\n\", FRAME_OWNED_BY_GENERATOR);\n  return 0;\n}\n")
+    include = subprocess.run([PY, "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(["cc", f"-I{include}", str(prog), "-o", str(tmp_path / "offsets")], check=True)
+    out = subprocess.run([str(tmp_path / "offsets")], capture_output=True, text=True, check=True).stdout
+    theirs = dict(line.split() for line in out.splitlines())
+    assert theirs.pop("owner_by_generator") == "1"
+    assert {k: int(v) for k, v in ours.items()} == {k: int(v) for k, v in theirs.items()}
+
+
+def test_bad_input_gets_one_clear_line(ebb_bin, tmp_path):
+    junk = tmp_path / "junk.ebbprof"
+    junk.write_bytes(b"not a capture at all, just some bytes" * 4)
+    r = subprocess.run([ebb_bin, "profile", "report", str(junk)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip() == f"ebb profile report: {junk}: not an ebb profile capture"
+    r = subprocess.run([ebb_bin, "profile", "report", str(tmp_path / "missing")], capture_output=True, text=True)
+    assert r.returncode == 1 and "cannot open" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([ebb_bin, "profile"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no command" in r.stderr
+    r = subprocess.run([ebb_bin, "profile", "--rate", "lots", "--", "true"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--rate" in r.stderr
+    r = subprocess.run([ebb_bin, "profile", "--", "no-such-command-here"], capture_output=True, text=True)
+    assert r.returncode == 127 and "not found" in r.stderr
