@@ -85,7 +85,7 @@ EBB_INLINE void cache_push(unsigned cls, FreeObj* o) {
 EBB_INLINE void free_small(SegmentHeader* h, void* p, const char* what) {
   Span* s = checked_span(h, p, what);
   auto* o = static_cast<FreeObj*>(p);
-  if (EBB_UNLIKELY(s->sampled)) profile_free(p);
+  if (EBB_UNLIKELY(s->sampled)) profile_free_small(s, p);
   if (EBB_UNLIKELY(o->key == g_free_key)) return free_suspect(s, o, what);
   cache_push(s->cls, o);
 }

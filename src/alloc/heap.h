@@ -108,12 +108,17 @@ struct Segment {
   // Sampled objects still live per span, by the span's first slice (the
   // profiler's; 255 sticks): the span's `sampled` bit goes when it is 0.
   uint8_t sampled_live[kSlicesPerSegment];
-  Span spans[kSlicesPerSegment];           // the descriptor of the span starting at slice i
+  Span spans[kSlicesPerSegment];  // the descriptor of the span starting at slice i
   // The spans' free bitmaps, stored by cache line: line 0 (words 0-7) of every
   // span, then line 1 of every span, and so on. A class that needs few words
   // per span (all but the smallest) then touches one page of bitmap per
   // segment instead of eight.
   alignas(kPageSize) uint64_t free_bits[kSpanBitmapWords / 8][kSlicesPerSegment][8];
+  // The profiler's filter, by the span's first slice: bit (slot % 64) is set
+  // for each live sampled object, so that most frees from a span holding one
+  // skip the table lookup. After the bitmaps: its page is touched only while
+  // profiling.
+  uint64_t sampled_slots[kSlicesPerSegment];
 };
 static_assert(offsetof(Segment, free_bits) == kPageSize, "the header but the bitmaps fits one page");
 static_assert(sizeof(Segment) <= kSliceSize * kFirstSpanSlice, "segment header must fit its slices");
@@ -166,8 +171,8 @@ struct Options {
   // Read at start-up like the rest: the purger opens the page later, from
   // inside some free(), and that free() may be setenv() replacing the very
   // array getenv() would read.
-  bool telemetry = false;        // EBB_TELEMETRY=1
-  char telemetry_dir[200] = {};  // EBB_TELEMETRY_DIR ("" if unset; too long: telemetry stays off)
+  bool telemetry = false;          // EBB_TELEMETRY=1
+  char telemetry_dir[200] = {};    // EBB_TELEMETRY_DIR ("" if unset; too long: telemetry stays off)
   char profile_prefix[200] = {};   // EBB_PROFILE: capture files <prefix>.<pid>.ebbprof ("": profiling off)
   uint32_t profile_rate = 524288;  // EBB_PROFILE_RATE: mean bytes between samples (0 or 1: every allocation)
 };
@@ -420,8 +425,10 @@ extern bool g_profile_on;
 void profile_start();  // EBB_PROFILE is set: open the capture (library constructor)
 // Allocation p of `size` bytes reached its thread's sample point (alloc.h).
 EBB_NOINLINE void profile_alloc(void* p, size_t size);
-// An object in a span marked `sampled`, or a large one, is being freed.
+// A large object is being freed while profiling is on.
 EBB_NOINLINE void profile_free(const void* p);
+// Small object p of span s, which is marked `sampled`, is being freed.
+EBB_NOINLINE void profile_free_small(Span* s, const void* p);
 void profile_before_fork();
 void profile_after_fork_parent();
 void profile_after_fork_child();

@@ -41,27 +41,27 @@ using capture::Frame;
 // cpython/code.h, internal/pycore_frame.h); tests/integration/test_profile.py
 // compiles a program against those headers and checks them.
 namespace py311 {
-constexpr size_t kTstateCframe = 56;       // PyThreadState::cframe
-constexpr size_t kCframeCurrent = 8;       // _PyCFrame::current_frame
-constexpr size_t kFrameCode = 32;          // _PyInterpreterFrame::f_code
-constexpr size_t kFramePrevious = 48;      // ::previous
-constexpr size_t kFramePrevInstr = 56;     // ::prev_instr
-constexpr size_t kFrameOwner = 69;         // ::owner
-constexpr char kOwnedByGenerator = 1;      // FRAME_OWNED_BY_GENERATOR
-constexpr size_t kObType = 8;              // PyObject::ob_type
-constexpr size_t kCodeFirstLine = 72;      // PyCodeObject::co_firstlineno
-constexpr size_t kCodeFilename = 112;      // ::co_filename
-constexpr size_t kCodeName = 120;          // ::co_name
-constexpr size_t kCodeQualname = 128;      // ::co_qualname
-constexpr size_t kCodeLinetable = 136;     // ::co_linetable
+constexpr size_t kTstateCframe = 56;         // PyThreadState::cframe
+constexpr size_t kCframeCurrent = 8;         // _PyCFrame::current_frame
+constexpr size_t kFrameCode = 32;            // _PyInterpreterFrame::f_code
+constexpr size_t kFramePrevious = 48;        // ::previous
+constexpr size_t kFramePrevInstr = 56;       // ::prev_instr
+constexpr size_t kFrameOwner = 69;           // ::owner
+constexpr char kOwnedByGenerator = 1;        // FRAME_OWNED_BY_GENERATOR
+constexpr size_t kObType = 8;                // PyObject::ob_type
+constexpr size_t kCodeFirstLine = 72;        // PyCodeObject::co_firstlineno
+constexpr size_t kCodeFilename = 112;        // ::co_filename
+constexpr size_t kCodeName = 120;            // ::co_name
+constexpr size_t kCodeQualname = 128;        // ::co_qualname
+constexpr size_t kCodeLinetable = 136;       // ::co_linetable
 constexpr size_t kCodeFirstTraceable = 168;  // ::_co_firsttraceable
-constexpr size_t kCodeUnits = 184;         // ::co_code_adaptive
-constexpr size_t kVarSize = 16;            // PyVarObject::ob_size
-constexpr size_t kBytesData = 32;          // PyBytesObject::ob_sval
-constexpr size_t kStrLength = 16;          // PyASCIIObject::length
-constexpr size_t kStrState = 32;           // ::state (bit field)
-constexpr size_t kStrAsciiData = 48;       // sizeof(PyASCIIObject)
-constexpr size_t kStrCompactData = 72;     // sizeof(PyCompactUnicodeObject)
+constexpr size_t kCodeUnits = 184;           // ::co_code_adaptive
+constexpr size_t kVarSize = 16;              // PyVarObject::ob_size
+constexpr size_t kBytesData = 32;            // PyBytesObject::ob_sval
+constexpr size_t kStrLength = 16;            // PyASCIIObject::length
+constexpr size_t kStrState = 32;             // ::state (bit field)
+constexpr size_t kStrAsciiData = 48;         // sizeof(PyASCIIObject)
+constexpr size_t kStrCompactData = 72;       // sizeof(PyCompactUnicodeObject)
 }  // namespace py311
 
 struct Python {
@@ -114,7 +114,8 @@ size_t str_utf8(const uint8_t* s, char* dst, size_t cap) {
 // ---- the capture file -------------------------------------------------------
 Lock g_lock;  // everything below; taken with no other libebb lock held
 int g_fd = -1;
-uint8_t* g_map = nullptr;  // kMaxBytes of address space over the file
+uint8_t* g_map = nullptr;  // g_map_bytes of address space over the file
+uint64_t g_map_bytes = 0;
 uint64_t g_file_bytes = 0;
 uint64_t g_used = 0;
 capture::Header* g_header = nullptr;
@@ -134,7 +135,7 @@ uint8_t* reserve(size_t bytes) {
   if (g_map == nullptr) return nullptr;
   if (g_used + bytes + sizeof(capture::RecordHead) > g_file_bytes) {
     const uint64_t want = g_file_bytes + capture::kGrowBytes;
-    if (want > capture::kMaxBytes || ftruncate(g_fd, static_cast<off_t>(want)) != 0) {
+    if (want > g_map_bytes || ftruncate(g_fd, static_cast<off_t>(want)) != 0) {
       g_header->flags |= capture::kFlagTruncated;
       return nullptr;
     }
@@ -226,7 +227,7 @@ uint32_t python_frames(Frame* out) {
     // A frame still being set up has run none of its own code (CPython's
     // _PyFrame_IsIncomplete): CPython leaves it out of tracebacks too.
     const bool incomplete =
-        load<char>(f, py311::kFrameOwner) != py311::kOwnedByGenerator && instr < units + 2 * first_traceable;
+        load<char>(f, py311::kFrameOwner) != py311::kOwnedByGenerator && instr < units + ptrdiff_t{2} * first_traceable;
     if (!incomplete) {
       const uint32_t id = code_id(code);
       if (id != 0) out[n++] = {id, instr > units ? static_cast<uint32_t>((instr - units) / 2) : 0};
@@ -350,8 +351,14 @@ bool open_capture() {
     return false;
   }
   void* m = MAP_FAILED;
-  if (ftruncate(g_fd, static_cast<off_t>(capture::kGrowBytes)) == 0)
-    m = mmap(nullptr, capture::kMaxBytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, g_fd, 0);
+  // As much address space as the system grants (valgrind, or a ulimit -v,
+  // refuse 64 GiB): the capture stops growing there, and says so.
+  if (ftruncate(g_fd, static_cast<off_t>(capture::kGrowBytes)) == 0) {
+    for (uint64_t want = capture::kMaxBytes; m == MAP_FAILED && want >= capture::kGrowBytes; want /= 8) {
+      m = mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, g_fd, 0);
+      if (m != MAP_FAILED) g_map_bytes = want;
+    }
+  }
   if (m == MAP_FAILED) {
     os::write_err("ebb: profile off: cannot map ");
     os::write_err(path);
@@ -408,8 +415,10 @@ void mark_span(const void* p) {
   Span* s = small_span(p);
   if (s == nullptr || (g_all && s->sampled)) return;  // large: dealloc_other asks on its own
   LockGuard guard(g_bins[s->cls].lock);
-  uint8_t& live = segment_of_span(s)->sampled_live[s->slice];
+  Segment* seg = segment_of_span(s);
+  uint8_t& live = seg->sampled_live[s->slice];
   if (live < 255) live++;
+  __atomic_fetch_or(&seg->sampled_slots[s->slice], uint64_t{1} << (span_slot(s, p) % 64), __ATOMIC_RELAXED);
   s->sampled = true;
 }
 
@@ -418,9 +427,13 @@ void unmark_span(const void* p) {
   Span* s = small_span(p);
   if (s == nullptr) return;
   LockGuard guard(g_bins[s->cls].lock);
-  uint8_t& live = segment_of_span(s)->sampled_live[s->slice];
+  Segment* seg = segment_of_span(s);
+  uint8_t& live = seg->sampled_live[s->slice];
   if (live == 0 || live == 255) return;  // 255: too many to count, marked for good
-  if (--live == 0) s->sampled = false;
+  if (--live == 0) {
+    s->sampled = false;
+    __atomic_store_n(&seg->sampled_slots[s->slice], 0, __ATOMIC_RELAXED);
+  }
 }
 
 }  // namespace
@@ -449,6 +462,15 @@ void profile_start() {
     return;
   }
   g_profile_on = true;
+  // Threads that allocated before (the loader, this thread before the
+  // constructor ran) set their sample point to "never": start them again.
+  LockGuard threads(g_tcache_lock);
+  t_cache.sample_at = 0;
+  t_cache.sample_armed = false;
+  for (ThreadCache* tc = g_tcaches; tc != nullptr; tc = tc->next) {
+    tc->sample_at = 0;
+    tc->sample_armed = false;
+  }
 }
 
 void profile_alloc(void* p, size_t size) {
@@ -514,6 +536,17 @@ void profile_free(const void* p) {
   tc.in_profile = false;
 }
 
+void profile_free_small(Span* s, const void* p) {
+  // The filter: an object whose slot bit is clear was not sampled. A bit set
+  // by another thread's mark_span after this read belongs to an object this
+  // thread cannot be freeing (it is not handed out yet).
+  if (!g_all) {
+    const uint64_t filter = __atomic_load_n(&segment_of_span(s)->sampled_slots[s->slice], __ATOMIC_RELAXED);
+    if ((filter >> (span_slot(s, p) % 64) & 1) == 0) return;
+  }
+  profile_free(p);
+}
+
 void profile_before_fork() { g_lock.lock(); }
 void profile_after_fork_parent() { g_lock.unlock(); }
 
@@ -522,7 +555,7 @@ void profile_after_fork_child() {
   if (g_map == nullptr) return;
   // The parent's capture is the parent's: the child starts its own, with
   // its own code table (the new file must describe every code it names).
-  munmap(g_map, capture::kMaxBytes);
+  munmap(g_map, g_map_bytes);
   close(g_fd);
   g_map = nullptr;
   g_header = nullptr;

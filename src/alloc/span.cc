@@ -171,6 +171,7 @@ void span_init(Span* s, unsigned cls) {
   s->cold = false;
   s->sampled = false;
   segment_of_span(s)->sampled_live[s->slice] = 0;
+  if (g_profile_on) segment_of_span(s)->sampled_slots[s->slice] = 0;  // its page stays untouched otherwise
   // The bitmap is already zero: fresh segments are, and a span leaves only
   // through span_reset (its last object came back), which clears it. Not
   // touching it here keeps a span that is only ever carved from faulting in

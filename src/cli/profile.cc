@@ -58,7 +58,8 @@ std::vector<std::string> captures_of(const std::string& prefix, time_t since) {
       continue;
     const std::string pid = name.substr(base.size() + 1, name.size() - base.size() - 1 - tail.size());
     if (pid.empty() || !std::all_of(pid.begin(), pid.end(), ::isdigit)) continue;
-    const std::string path = (slash == std::string::npos ? "" : dir + "/") + name;
+    std::string path = slash == std::string::npos ? "" : dir + "/";
+    path += name;
     struct stat st;
     if (stat(path.c_str(), &st) == 0 && st.st_mtime >= since) out.push_back(path);
   }
@@ -108,7 +109,8 @@ int run_profile(const ProfileOptions& o) {
   std::vector<char*> envp = proc::c_strings(env), argv = proc::c_strings(args);
   const time_t since = time(nullptr) - 1;
   // Like system(): ^C and ^\ reach the command, which decides; ebb waits for it.
-  struct sigaction ignore{}, old_int{}, old_quit{};
+  struct sigaction ignore {
+  }, old_int{}, old_quit{};
   ignore.sa_handler = SIG_IGN;
   sigaction(SIGINT, &ignore, &old_int);
   sigaction(SIGQUIT, &ignore, &old_quit);
@@ -151,16 +153,22 @@ std::string where(const profile::Site& s) {
 }
 
 nlohmann::json site_json(const profile::Site& s) {
-  return {{"function", s.function},        {"file", s.file},
-          {"line", s.line},                {"own_bytes", std::llround(s.own)},
-          {"inclusive_bytes", std::llround(s.inclusive)}, {"count", s.count}};
+  return {{"function", s.function},
+          {"file", s.file},
+          {"line", s.line},
+          {"own_bytes", std::llround(s.own)},
+          {"inclusive_bytes", std::llround(s.inclusive)},
+          {"count", s.count}};
 }
 
 // The snapshot --at names: peak, end, total, or a time ("12.5s", "500ms").
 bool pick(const profile::Capture& c, const profile::Analysis& a, const std::string& at, profile::Snapshot* out) {
-  if (at == "peak") *out = a.peak;
-  else if (at == "end") *out = a.end;
-  else if (at == "total") *out = a.total;
+  if (at == "peak")
+    *out = a.peak;
+  else if (at == "end")
+    *out = a.end;
+  else if (at == "total")
+    *out = a.total;
   else {
     double s = 0;
     if (!parse_duration(at, &s)) return false;
@@ -206,20 +214,21 @@ int run_report(const ReportOptions& o) {
                        [](const profile::Site& x, const profile::Site& y) { return x.inclusive > y.inclusive; });
     if (list.size() > o.top) list.resize(o.top);
     if (o.format == "json") {
-      nlohmann::json j = {{"capture", file},
-                          {"pid", c.pid},
-                          {"ppid", c.ppid},
-                          {"mode", c.all ? "all" : "sampled"},
-                          {"rate", c.rate},
-                          {"python", fmt::format("{}.{}", c.python >> 24, (c.python >> 16) & 255)},
-                          {"complete", c.complete},
-                          {"truncated", c.truncated},
-                          {"dropped_samples", c.dropped},
-                          {"peak", {{"bytes", std::llround(a.peak.bytes)}, {"time_s", seconds(a.peak.time_ns)}}},
-                          {"end", {{"bytes", std::llround(a.end.bytes)}, {"time_s", seconds(a.end.time_ns)}}},
-                          {"total_bytes", std::llround(a.total.bytes)},
-                          {"view", {{"at", snap.name}, {"bytes", std::llround(snap.bytes)}, {"time_s", seconds(snap.time_ns)}}},
-                          {"sites", nlohmann::json::array()}};
+      nlohmann::json j = {
+          {"capture", file},
+          {"pid", c.pid},
+          {"ppid", c.ppid},
+          {"mode", c.all ? "all" : "sampled"},
+          {"rate", c.rate},
+          {"python", fmt::format("{}.{}", c.python >> 24, (c.python >> 16) & 255)},
+          {"complete", c.complete},
+          {"truncated", c.truncated},
+          {"dropped_samples", c.dropped},
+          {"peak", {{"bytes", std::llround(a.peak.bytes)}, {"time_s", seconds(a.peak.time_ns)}}},
+          {"end", {{"bytes", std::llround(a.end.bytes)}, {"time_s", seconds(a.end.time_ns)}}},
+          {"total_bytes", std::llround(a.total.bytes)},
+          {"view", {{"at", snap.name}, {"bytes", std::llround(snap.bytes)}, {"time_s", seconds(snap.time_ns)}}},
+          {"sites", nlohmann::json::array()}};
       for (const auto& s : list) j["sites"].push_back(site_json(s));
       all.push_back(std::move(j));
       continue;
@@ -227,14 +236,13 @@ int run_report(const ReportOptions& o) {
     fmt::print("{}: pid {}, {}{}\n", file, c.pid, mode_of(c),
                c.complete ? "" : " (cut short: the process died while writing; read up to its last record)");
     if (c.truncated) fmt::print("  the capture reached its size limit: later allocations are missing\n");
-    if (c.dropped > 0) fmt::print("  {} samples dropped (too many live samples at once: use a larger --rate)\n", c.dropped);
+    if (c.dropped > 0)
+      fmt::print("  {} samples dropped (too many live samples at once: use a larger --rate)\n", c.dropped);
     fmt::print("  heap at peak {} ({:.2f} s), at end {} ({:.2f} s), allocated in all {}\n", size(a.peak.bytes),
                seconds(a.peak.time_ns), size(a.end.bytes), seconds(a.end.time_ns), size(a.total.bytes));
     fmt::print("  {} at {}:\n", snap.name == "total" ? "allocated in all" : "live", snap.name);
     Table t({"OWN", "INCLUSIVE", "SAMPLES", "WHERE"}, {true, true, true, false});
-    for (const auto& s : list)
-      t.add({size(s.own), size(s.inclusive),
-             std::to_string(s.count), where(s)});
+    for (const auto& s : list) t.add({size(s.own), size(s.inclusive), std::to_string(s.count), where(s)});
     fmt::print("{}\n", t.render());
   }
   if (o.format == "json") fmt::print("{}\n", all.size() == 1 ? all[0].dump(2) : all.dump(2));
@@ -246,7 +254,8 @@ int run_report(const ReportOptions& o) {
 void register_profile(CLI::App& app, int& rc) {
   auto o = std::make_shared<ProfileOptions>();
   auto* sub = app.add_subcommand("profile", "Run a command with allocation profiling: who holds the memory");
-  sub->add_option("-o,--output", o->prefix, "Capture files PREFIX.<pid>.ebbprof, one per process (default: ebb-profile)");
+  sub->add_option("-o,--output", o->prefix,
+                  "Capture files PREFIX.<pid>.ebbprof, one per process (default: ebb-profile)");
   sub->add_option("--rate", o->rate, "Sample one byte in SIZE allocated, on average (default: 512K)");
   sub->add_flag("--all", o->all, "Record every allocation (exact, slower, bigger captures)");
   sub->add_option("command", o->command, "The command to run, after --");
@@ -254,12 +263,15 @@ void register_profile(CLI::App& app, int& rc) {
   sub->require_subcommand(0, 1);
 
   auto r = std::make_shared<ReportOptions>();
-  auto* rep = sub->add_subcommand("report", "Show what a capture holds: top call sites at the peak, the end, or in all");
+  auto* rep =
+      sub->add_subcommand("report", "Show what a capture holds: top call sites at the peak, the end, or in all");
   rep->add_option("capture", r->files, "Capture files (.ebbprof)")->required();
   rep->add_option("--format", r->format, "table or json (default: table)");
-  rep->add_option("--at", r->at, "peak, end (what was still live), total (everything allocated), or a time such as 2.5s");
+  rep->add_option("--at", r->at,
+                  "peak, end (what was still live), total (everything allocated), or a time such as 2.5s");
   rep->add_option("--top", r->top, "Call sites to show (default: 20)");
-  rep->add_option("--sort", r->sort, "own (bytes allocated by the line itself, default) or inclusive (and its callees)");
+  rep->add_option("--sort", r->sort,
+                  "own (bytes allocated by the line itself, default) or inclusive (and its callees)");
   rep->callback([r, &rc] { rc = run_report(*r); });
 
   sub->callback([o, sub, &rc] {

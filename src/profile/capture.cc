@@ -62,7 +62,7 @@ int Code::line_of(uint32_t instr) const {
       line += r.svarint();
       entry_line = line;
       r.varint(), r.varint(), r.varint();  // end line, columns
-    } else if (code == 13) {  // no columns
+    } else if (code == 13) {               // no columns
       line += r.svarint();
       entry_line = line;
     } else if (code >= 10) {  // one line, two column bytes

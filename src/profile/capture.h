@@ -44,7 +44,7 @@ struct Capture {
   uint32_t python = 0;     // Py_Version, 0 if not CPython
   uint64_t dropped = 0;
   uint64_t start_unix_ns = 0;
-  std::vector<Code> codes;                   // by CodeRecord id (index 0 unused)
+  std::vector<Code> codes;                    // by CodeRecord id (index 0 unused)
   std::vector<std::vector<Location>> stacks;  // distinct stacks, innermost first
   std::vector<Event> events;                  // in file order
 };

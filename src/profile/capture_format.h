@@ -25,12 +25,12 @@ namespace ebb::capture {
 constexpr uint64_t kMagic = 0x31666f7270626265ull;  // "ebbprof1"
 constexpr uint32_t kVersion = 1;
 constexpr uint64_t kGrowBytes = uint64_t{8} << 20;
-constexpr uint64_t kMaxBytes = uint64_t{64} << 30;  // address space reserved for one capture
-constexpr uint32_t kMaxFrames = 128;                 // deeper stacks keep their innermost frames
+constexpr uint64_t kMaxBytes = uint64_t{64} << 30;  // address space reserved for one capture (less if refused)
+constexpr uint32_t kMaxFrames = 128;                // deeper stacks keep their innermost frames
 
 enum Flags : uint32_t {
   kFlagAll = 1,        // every allocation recorded (--all), not sampled
-  kFlagTruncated = 2,  // the capture reached kMaxBytes: later events are missing
+  kFlagTruncated = 2,  // the capture reached its reserved size: later events are missing
 };
 
 struct Header {
@@ -39,12 +39,12 @@ struct Header {
   uint32_t header_bytes;  // sizeof(Header) of the writer: records start there
   int32_t pid;
   int32_t ppid;
-  uint64_t rate;            // mean bytes between samples (1 with kFlagAll)
-  uint64_t start_ns;        // CLOCK_MONOTONIC when the capture began
-  uint64_t start_unix_ns;   // CLOCK_REALTIME at the same moment
-  uint32_t flags;           // Flags (kFlagTruncated is set while running)
-  uint32_t python;          // Py_Version of the traced interpreter, 0 if none was found
-  uint64_t dropped;         // samples not recorded (table of live samples full)
+  uint64_t rate;           // mean bytes between samples (1 with kFlagAll)
+  uint64_t start_ns;       // CLOCK_MONOTONIC when the capture began
+  uint64_t start_unix_ns;  // CLOCK_REALTIME at the same moment
+  uint32_t flags;          // Flags (kFlagTruncated is set while running)
+  uint32_t python;         // Py_Version of the traced interpreter, 0 if none was found
+  uint64_t dropped;        // samples not recorded (table of live samples full)
 };
 
 enum RecordType : uint16_t {

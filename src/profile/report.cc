@@ -144,11 +144,11 @@ std::vector<Site> sites(const Capture& c, const Snapshot& s) {
     }
   }
   std::vector<Site> out;
+  out.reserve(by_key.size() + 1);
   for (auto& [k, site] : by_key) out.push_back(std::move(site));
   if (native.inclusive > 0) out.push_back(native);
-  std::sort(out.begin(), out.end(), [](const Site& a, const Site& b) {
-    return a.own != b.own ? a.own > b.own : a.inclusive > b.inclusive;
-  });
+  std::sort(out.begin(), out.end(),
+            [](const Site& a, const Site& b) { return a.own != b.own ? a.own > b.own : a.inclusive > b.inclusive; });
   return out;
 }
 

@@ -19,7 +19,7 @@ struct Snapshot {
   std::string name;  // "peak", "end", "total", or the time asked for
   uint64_t time_ns = 0;
   double bytes = 0;
-  std::vector<double> by_stack;      // estimated bytes, by Capture::stacks index
+  std::vector<double> by_stack;          // estimated bytes, by Capture::stacks index
   std::vector<uint64_t> count_by_stack;  // samples
 };
 
@@ -29,9 +29,9 @@ struct Timeline {
 };
 
 struct Analysis {
-  Snapshot peak;   // the most live bytes ever
-  Snapshot end;    // when the interpreter began to finalize, else the last event
-  Snapshot total;  // everything allocated
+  Snapshot peak;      // the most live bytes ever
+  Snapshot end;       // when the interpreter began to finalize, else the last event
+  Snapshot total;     // everything allocated
   Timeline timeline;  // at most ~1,000 points
 };
 
