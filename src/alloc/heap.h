@@ -423,6 +423,11 @@ void telemetry_after_fork_child();
 // ---- profiling (profile.cc, format in src/profile/capture_format.h) ---------
 extern bool g_profile_on;
 void profile_start();  // EBB_PROFILE is set: open the capture (library constructor)
+// Profiling turned on and off in a running process (telemetry commands, run
+// by the purger thread): 0 or a telemetry::AckError / errno. path gets the
+// capture file's name.
+int32_t profile_attach(const char* prefix, uint64_t rate, char* path, size_t cap);
+int32_t profile_detach(char* path, size_t cap);
 // Allocation p of `size` bytes reached its thread's sample point (alloc.h).
 EBB_NOINLINE void profile_alloc(void* p, size_t size);
 // A large object is being freed while profiling is on.

@@ -1,9 +1,10 @@
 // Profiling: allocations sampled by bytes, with their Python stacks, written
 // to a capture file as the program runs (format: src/profile/capture_format.h).
 //
-// Off unless EBB_PROFILE names a file prefix (ebb profile sets it). Off, the
-// cost is what alloc.h already pays for its stats: the byte counter is
-// compared with the thread's next sample point, which stays at "never".
+// Off unless EBB_PROFILE names a file prefix (ebb profile sets it), or until
+// `ebb profile --pid` turns it on through the telemetry page (and off again).
+// Off, the cost is what alloc.h already pays for its stats: the byte counter
+// is compared with the thread's next sample point, which stays at "never".
 //
 // On, a random byte every EBB_PROFILE_RATE bytes allocated on average (the
 // gaps are exponential, so sampling does not lock onto a loop's pattern) marks
@@ -27,6 +28,7 @@
 #include "capture_format.h"
 #include "heap.h"
 #include "os.h"
+#include "page.h"
 
 namespace ebb {
 
@@ -122,6 +124,9 @@ capture::Header* g_header = nullptr;
 bool g_all = false;
 bool g_ended = false;
 uint64_t g_rate = 0;
+char g_prefix[256];          // captures are <prefix>.<pid>.ebbprof
+char g_path[300];            // the one being written
+bool g_follow_fork = false;  // a forked child opens its own (EBB_PROFILE), or stops (attached)
 
 uint64_t now_ns() {
   struct timespec ts;
@@ -332,25 +337,20 @@ T* map_table(size_t n) {
   return static_cast<T*>(os::map_aligned((n * sizeof(T) + kPageSize - 1) & ~(kPageSize - 1), kPageSize));
 }
 
-bool open_capture() {
-  char path[300];
+// Creates and maps the capture g_prefix.<pid>.ebbprof: 0 or an errno.
+int open_capture() {
   char num[24];
-  path[0] = 0;
-  const size_t np = strlen(g_options.profile_prefix);
-  memcpy(path, g_options.profile_prefix, np + 1);
+  const size_t np = strlen(g_prefix);
   const char* pid = os::fmt_dec(num, static_cast<uint64_t>(getpid()));
-  if (np + 1 + strlen(pid) + 8 + 1 > sizeof path) return false;
-  strcat(path, ".");
-  strcat(path, pid);
-  strcat(path, ".ebbprof");
-  g_fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
-  if (g_fd < 0) {
-    os::write_err("ebb: profile off: cannot create ");
-    os::write_err(path);
-    os::write_err("\n");
-    return false;
-  }
+  if (np + 1 + strlen(pid) + 8 + 1 > sizeof g_path) return ENAMETOOLONG;
+  memcpy(g_path, g_prefix, np + 1);
+  strcat(g_path, ".");
+  strcat(g_path, pid);
+  strcat(g_path, ".ebbprof");
+  g_fd = open(g_path, O_RDWR | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+  if (g_fd < 0) return errno;
   void* m = MAP_FAILED;
+  int err = 0;
   // As much address space as the system grants (valgrind, or a ulimit -v,
   // refuse 64 GiB): the capture stops growing there, and says so.
   if (ftruncate(g_fd, static_cast<off_t>(capture::kGrowBytes)) == 0) {
@@ -360,12 +360,11 @@ bool open_capture() {
     }
   }
   if (m == MAP_FAILED) {
-    os::write_err("ebb: profile off: cannot map ");
-    os::write_err(path);
-    os::write_err("\n");
+    err = errno;
     close(g_fd);
+    unlink(g_path);
     g_fd = -1;
-    return false;
+    return err != 0 ? err : ENOMEM;
   }
   g_map = static_cast<uint8_t*>(m);
   g_file_bytes = capture::kGrowBytes;
@@ -383,7 +382,7 @@ bool open_capture() {
   g_header->start_ns = now_ns();
   g_header->start_unix_ns = static_cast<uint64_t>(rt.tv_sec) * 1000000000u + static_cast<uint64_t>(rt.tv_nsec);
   __atomic_store_n(&g_header->magic, capture::kMagic, __ATOMIC_RELEASE);
-  return true;
+  return 0;
 }
 
 bool make_tables() {
@@ -436,34 +435,45 @@ void unmark_span(const void* p) {
   }
 }
 
-}  // namespace
+// The interpreter's entry points, if this is CPython 3.11. dlsym may
+// allocate: this runs in the library constructor or the purger thread, never
+// inside malloc.
+void find_python() {
+  static bool done = false;
+  if (done) return;
+  done = true;
+  const auto* version = static_cast<const unsigned long*>(dlsym(RTLD_DEFAULT, "Py_Version"));
+  if (version == nullptr) return;
+  g_py.version = static_cast<uint32_t>(*version);
+  if ((*version >> 16) != 0x030b) {
+    os::write_err("ebb: profile: this Python is not 3.11; allocations are recorded without Python stacks\n");
+    return;
+  }
+  g_py.is_finalizing = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "_Py_IsFinalizing"));
+  g_py.code_type = dlsym(RTLD_DEFAULT, "PyCode_Type");
+  if (g_py.code_type != nullptr)
+    g_py.this_thread_state = reinterpret_cast<void* (*)()>(dlsym(RTLD_DEFAULT, "PyGILState_GetThisThreadState"));
+}
 
-void profile_start() {
-  const uint32_t rate = g_options.profile_rate;
+// Under g_lock: start a capture at `rate` (0 or 1: every allocation) into
+// g_prefix. 0 or an errno.
+int32_t begin(uint64_t rate) {
   g_all = rate <= 1;
   g_rate = g_all ? 1 : rate;
-  // The interpreter's entry points, if this is CPython 3.11. dlsym may
-  // allocate: this runs in the library constructor, not inside malloc.
-  const auto* version = static_cast<const unsigned long*>(dlsym(RTLD_DEFAULT, "Py_Version"));
-  if (version != nullptr) {
-    g_py.version = static_cast<uint32_t>(*version);
-    if ((*version >> 16) == 0x030b) {
-      g_py.this_thread_state = reinterpret_cast<void* (*)()>(dlsym(RTLD_DEFAULT, "PyGILState_GetThisThreadState"));
-      g_py.is_finalizing = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "_Py_IsFinalizing"));
-      g_py.code_type = dlsym(RTLD_DEFAULT, "PyCode_Type");
-      if (g_py.code_type == nullptr) g_py.this_thread_state = nullptr;
-    } else {
-      os::write_err("ebb: profile: this Python is not 3.11; allocations are recorded without Python stacks\n");
-    }
-  }
-  LockGuard guard(g_lock);
-  if (!make_tables() || !open_capture()) {
+  g_ended = false;
+  if (!make_tables()) {
     drop_tables();
-    return;
+    return ENOMEM;
+  }
+  if (const int err = open_capture(); err != 0) {
+    drop_tables();
+    return err;
   }
   g_profile_on = true;
   // Threads that allocated before (the loader, this thread before the
-  // constructor ran) set their sample point to "never": start them again.
+  // constructor ran, every thread of a process attached to) have their
+  // sample point at "never": start them again. A thread reading its own
+  // sample_at meanwhile sees the old or the new value, both harmless.
   LockGuard threads(g_tcache_lock);
   t_cache.sample_at = 0;
   t_cache.sample_armed = false;
@@ -471,6 +481,78 @@ void profile_start() {
     tc->sample_at = 0;
     tc->sample_armed = false;
   }
+  return 0;
+}
+
+// Under g_lock: the capture is complete; let it go. Threads that come for
+// g_lock afterwards find g_map empty and record nothing.
+void finish() {
+  g_profile_on = false;
+  const uint64_t keep = g_used + sizeof(capture::RecordHead);
+  if (ftruncate(g_fd, static_cast<off_t>(keep)) != 0) {
+    // The zero tail stays: the reader stops at the first empty record.
+  }
+  munmap(g_map, g_map_bytes);
+  close(g_fd);
+  g_map = nullptr;
+  g_header = nullptr;
+  g_fd = -1;
+  drop_tables();
+}
+
+void copy_out(const char* from, char* to, size_t cap) {
+  if (cap == 0) return;
+  size_t n = strlen(from);
+  if (n >= cap) n = cap - 1;
+  memcpy(to, from, n);
+  to[n] = 0;
+}
+
+}  // namespace
+
+void profile_start() {
+  find_python();
+  LockGuard guard(g_lock);
+  copy_out(g_options.profile_prefix, g_prefix, sizeof g_prefix);
+  g_follow_fork = true;
+  if (const int32_t err = begin(g_options.profile_rate); err != 0) {
+    os::write_err("ebb: profile off: cannot create a capture ");
+    os::write_err(g_path);
+    os::write_err(": ");
+    os::write_err(strerror(err));
+    os::write_err("\n");
+  }
+}
+
+int32_t profile_attach(const char* prefix, uint64_t rate, char* path, size_t cap) {
+  find_python();
+  LockGuard guard(g_lock);
+  if (g_map != nullptr) {
+    copy_out(g_path, path, cap);
+    return telemetry::kAckAlreadyProfiling;
+  }
+  if (g_py.is_finalizing != nullptr && g_py.is_finalizing() != 0) return telemetry::kAckFinalizing;
+  copy_out(prefix, g_prefix, sizeof g_prefix);
+  g_follow_fork = false;
+  const int32_t err = begin(rate);
+  copy_out(g_path, path, cap);
+  return err;
+}
+
+int32_t profile_detach(char* path, size_t cap) {
+  LockGuard guard(g_lock);
+  if (g_map == nullptr) return telemetry::kAckNotProfiling;
+  copy_out(g_path, path, cap);
+  if (!g_ended) {
+    // Detached: what is live now is what the capture ends with.
+    uint8_t* at = reserve(sizeof(capture::EndRecord));
+    if (at != nullptr) {
+      reinterpret_cast<capture::EndRecord*>(at)->time_ns = now_ns() - g_header->start_ns;
+      publish(at, sizeof(capture::EndRecord), capture::kEnd, 0);
+    }
+  }
+  finish();
+  return 0;
 }
 
 void profile_alloc(void* p, size_t size) {
@@ -491,7 +573,9 @@ void profile_alloc(void* p, size_t size) {
   bool recorded = false;
   {
     LockGuard guard(g_lock);
-    if (check_end()) {
+    if (g_map == nullptr) {
+      // Detached while this thread was on its way.
+    } else if (check_end()) {
       g_profile_on = false;
     } else if (!g_all && !live_insert(reinterpret_cast<uintptr_t>(p))) {
       g_header->dropped++;
@@ -525,7 +609,9 @@ void profile_free(const void* p) {
   {
     LockGuard guard(g_lock);
     const auto a = reinterpret_cast<uintptr_t>(p);
-    if (check_end()) {
+    if (g_map == nullptr) {
+      // Detached meanwhile.
+    } else if (check_end()) {
       g_profile_on = false;
     } else if (g_all || live_remove(a)) {
       was_sampled = true;
@@ -564,9 +650,10 @@ void profile_after_fork_child() {
   ThreadCache& tc = t_cache;
   tc.tid = 0;
   tc.in_profile = false;
-  if (g_ended || !make_tables() || !open_capture()) {
+  g_profile_on = false;
+  // Attached to the parent: the child is not profiled (nobody will detach it).
+  if (g_ended || !g_follow_fork || !make_tables() || open_capture() != 0) {
     drop_tables();
-    g_profile_on = false;
     return;
   }
   g_profile_on = true;

@@ -164,7 +164,16 @@ void telemetry_serve() {
   uint64_t arg = p->cmd_arg;
   uint64_t before = os::rss_bytes();
   uint64_t released = 0;
-  if (cmd == telemetry::kCmdTrim) {
+  int32_t error = telemetry::kAckOk;
+  p->ack_text[0] = 0;
+  if (cmd == telemetry::kCmdProfileStart) {
+    char prefix[sizeof p->cmd_text];
+    memcpy(prefix, p->cmd_text, sizeof prefix);
+    prefix[sizeof prefix - 1] = 0;
+    error = profile_attach(prefix, arg, p->ack_text, sizeof p->ack_text);
+  } else if (cmd == telemetry::kCmdProfileStop) {
+    error = profile_detach(p->ack_text, sizeof p->ack_text);
+  } else if (cmd == telemetry::kCmdTrim) {
     bool pending = false;
     released = purge_all(true, &pending);
   } else if (cmd == telemetry::kCmdSetSoftLimit) {
@@ -173,7 +182,10 @@ void telemetry_serve() {
       bool pending = false;
       released = purge_all(true, &pending);
     }
+  } else {
+    error = telemetry::kAckUnknownCommand;
   }
+  p->ack_error = error;
   p->ack_cmd = cmd;
   p->ack_released = released;
   p->ack_rss_before = before;

@@ -2,6 +2,7 @@
 // what it captured (docs/profile.md).
 //
 //   ebb profile [-o PREFIX] [--rate SIZE | --all] -- COMMAND...
+//   ebb profile --pid PID [--duration TIME] [-o PREFIX] [--rate SIZE | --all]
 //   ebb profile report CAPTURE... [--format table|json] [--at peak|end|total|TIME] [--top N]
 #include <dirent.h>
 #include <fcntl.h>
@@ -13,6 +14,7 @@
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -21,6 +23,8 @@
 #include "exec.h"
 #include "format.h"
 #include "launch.h"
+#include "proc.h"
+#include "reader.h"
 #include "report.h"
 
 namespace ebb::cli {
@@ -31,6 +35,8 @@ struct ProfileOptions {
   std::string prefix = "ebb-profile";
   std::string rate = "512K";
   bool all = false;
+  int pid = 0;
+  std::string duration;
   std::vector<std::string> command;
 };
 
@@ -68,25 +74,146 @@ std::vector<std::string> captures_of(const std::string& prefix, time_t since) {
   return out;
 }
 
+// The capture prefix as an absolute path (the profiled process may run
+// elsewhere), or "" after saying why not.
+std::string absolute_prefix(const std::string& given) {
+  const size_t slash = given.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : given.substr(0, slash);
+  if (given.empty() || slash + 1 == given.size()) {
+    error("profile", "-o wants a file prefix such as /tmp/worker, not a directory");
+    return "";
+  }
+  if (access(dir.c_str(), W_OK) != 0) {
+    error("profile", fmt::format("cannot write captures in {}: {}", dir, strerror(errno)));
+    return "";
+  }
+  std::string prefix = given;
+  if (prefix[0] != '/') {
+    char cwd[4096];
+    if (getcwd(cwd, sizeof cwd) != nullptr) prefix = std::string(cwd) + "/" + prefix;
+  }
+  if (prefix.size() >= 200) {
+    error("profile", "the capture prefix is too long (at most 199 bytes as an absolute path)");
+    return "";
+  }
+  return prefix;
+}
+
+volatile sig_atomic_t g_stop = 0;
+void on_stop_signal(int /*sig*/) { g_stop = 1; }
+
+// Why process pid cannot be profiled in place (it has no telemetry page).
+std::string no_page_reason(pid_t pid, const telemetry::ReadResult& r) {
+  const std::string alloc = proc::allocator_of(pid);
+  if (alloc == "ebb")
+    return fmt::format("runs libebb without telemetry ({}): start it under ebb run, or with EBB_TELEMETRY=1",
+                       r.message);
+  if (alloc.empty()) return fmt::format("cannot be read ({})", r.message);
+  return fmt::format("uses {} malloc, not libebb: profile it from its start with ebb profile -- COMMAND",
+                     alloc == "glibc" ? "glibc's" : alloc);
+}
+
+// ebb profile --pid: profiling turned on in a running libebb process through
+// its telemetry page, and off again after the duration, ^C, or its exit.
+int attach(const ProfileOptions& o, uint64_t rate) {
+  const pid_t pid = o.pid;
+  double duration = 0;  // 0: until ^C or the process exits
+  if (!o.duration.empty() && (!parse_duration(o.duration, &duration) || duration <= 0)) {
+    error("profile", fmt::format("--duration wants a time such as 30s or 5m, not {}", o.duration));
+    return 2;
+  }
+  const proc::Process p = proc::read_process(pid);
+  if (p.state == proc::State::kGone) {
+    error("profile", fmt::format("no process {}", pid));
+    return 2;
+  }
+  if (p.uid != geteuid() && geteuid() != 0) {
+    error("profile",
+          fmt::format("process {} belongs to another user (uid {}): run ebb as that user, or as root", pid, p.uid));
+    return 2;
+  }
+  const telemetry::ReadResult page = telemetry::read_pid(pid);
+  if (page.status != telemetry::Status::kOk) {
+    error("profile", fmt::format("process {} {}", pid, no_page_reason(pid, page)));
+    return 2;
+  }
+  const std::string prefix = absolute_prefix(o.prefix);
+  if (prefix.empty()) return 2;
+  telemetry::Ack ack = telemetry::send(pid, telemetry::kCmdProfileStart, o.all ? 1 : rate, 5000, prefix);
+  if (ack.status != telemetry::Status::kOk) {
+    error("profile", fmt::format("process {}: {}", pid, ack.message));
+    return 1;
+  }
+  if (ack.error == telemetry::kAckAlreadyProfiling) {
+    error("profile", fmt::format("process {} is already profiled, into {}", pid, ack.text));
+    return 1;
+  }
+  if (ack.error == telemetry::kAckFinalizing) {
+    error("profile", fmt::format("process {} is exiting", pid));
+    return 1;
+  }
+  if (ack.error != 0) {
+    error("profile", fmt::format("process {} cannot write {}: {}", pid, ack.text.empty() ? prefix : ack.text,
+                                 ack.error > 0 ? strerror(ack.error) : "refused"));
+    return 1;
+  }
+  const std::string file = ack.text;
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;  // no SA_RESTART: the sleep below returns at once
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaction(sig, &sa, nullptr);
+  fmt::print(stderr, "ebb profile: profiling process {} into {} ({}); ^C stops\n", pid, file,
+             duration > 0 ? fmt::format("for {}", o.duration) : "until ^C or its exit");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(duration);
+  bool gone = false;
+  while (g_stop == 0 && (duration == 0 || std::chrono::steady_clock::now() < deadline)) {
+    usleep(100000);
+    const proc::Process now = proc::read_process(pid);
+    if (now.state == proc::State::kGone || now.start_ticks != p.start_ticks) {
+      gone = true;
+      break;
+    }
+  }
+  if (gone) {
+    fmt::print(stderr, "ebb profile: process {} exited; its capture holds everything up to then\n", pid);
+  } else {
+    ack = telemetry::send(pid, telemetry::kCmdProfileStop, 0, 5000);
+    if (ack.status != telemetry::Status::kOk || (ack.error != 0 && ack.error != telemetry::kAckNotProfiling)) {
+      error("profile", fmt::format("process {}: could not stop profiling: {}", pid,
+                                   ack.message.empty() ? "refused" : ack.message));
+      return 1;
+    }
+    if (ack.error == telemetry::kAckNotProfiling)
+      fmt::print(stderr, "ebb profile: process {} had stopped profiling already (its interpreter is exiting)\n", pid);
+  }
+  fmt::print(stderr, "read it with: ebb profile report {}\n", file);
+  return 0;
+}
+
 int run_profile(const ProfileOptions& o) {
   uint64_t rate = 1;
   if (!o.all && (!parse_size(o.rate, &rate) || rate < 2 || rate > UINT32_MAX)) {
     error("profile", "--rate wants a size from 2 bytes to 4G (for example 512K), or --all for every allocation");
     return 2;
   }
+  if (o.pid != 0) {
+    if (!o.command.empty()) {
+      error("profile", "--pid profiles a running process: give it no command");
+      return 2;
+    }
+    return attach(o, rate);
+  }
+  if (!o.duration.empty()) {
+    error("profile", "--duration goes with --pid");
+    return 2;
+  }
   if (o.command.empty()) {
-    error("profile", "no command: ebb profile [-o PREFIX] [--rate SIZE|--all] -- COMMAND...");
+    error("profile",
+          "no command: ebb profile [-o PREFIX] [--rate SIZE|--all] -- COMMAND..., or --pid PID for a running process");
     return 2;
   }
   if (!runnable(o.command[0])) {
     error("profile", fmt::format("cannot run {}: not found", o.command[0]));
     return 127;
-  }
-  const size_t slash = o.prefix.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : o.prefix.substr(0, slash);
-  if (access(dir.c_str(), W_OK) != 0) {
-    error("profile", fmt::format("cannot write captures in {}: {}", dir, strerror(errno)));
-    return 1;
   }
   std::string why;
   auto alloc = resolve("ebb", &why);
@@ -94,15 +221,8 @@ int run_profile(const ProfileOptions& o) {
     error("profile", why);
     return 1;
   }
-  std::string prefix = o.prefix;
-  if (prefix[0] != '/') {
-    char cwd[4096];
-    if (getcwd(cwd, sizeof cwd) != nullptr) prefix = std::string(cwd) + "/" + prefix;
-  }
-  if (prefix.size() >= 200) {
-    error("profile", "the capture prefix is too long (at most 199 bytes as an absolute path)");
-    return 2;
-  }
+  const std::string prefix = absolute_prefix(o.prefix);
+  if (prefix.empty()) return 2;
   std::vector<std::string> env =
       child_environment(*alloc, {"EBB_PROFILE=" + prefix, "EBB_PROFILE_RATE=" + std::to_string(o.all ? 1 : rate)});
   std::vector<std::string> args = o.command;
@@ -199,7 +319,7 @@ int run_report(const ReportOptions& o) {
       c = profile::read_capture(file);
     } catch (const std::exception& e) {
       error("profile report", e.what());
-      rc = 1;
+      rc = 2;
       continue;
     }
     const profile::Analysis a = profile::analyze(c);
@@ -258,6 +378,10 @@ void register_profile(CLI::App& app, int& rc) {
                   "Capture files PREFIX.<pid>.ebbprof, one per process (default: ebb-profile)");
   sub->add_option("--rate", o->rate, "Sample one byte in SIZE allocated, on average (default: 512K)");
   sub->add_flag("--all", o->all, "Record every allocation (exact, slower, bigger captures)");
+  sub->add_option("--pid", o->pid,
+                  "Profile a running process (libebb with telemetry: under ebb run, or EBB_TELEMETRY=1) in place")
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--duration", o->duration, "With --pid: stop after this long, e.g. 30s (default: at ^C or its exit)");
   sub->add_option("command", o->command, "The command to run, after --");
   sub->positionals_at_end(true);
   sub->require_subcommand(0, 1);

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 
 #include "ebb.h"
@@ -25,13 +26,24 @@
 namespace ebb::telemetry {
 
 constexpr uint64_t kMagic = 0x31656761706265ull;  // "ebpage1"
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;                  // 2: profiling commands, ack_error and the text fields
 constexpr uint32_t kFileBytes = 4096;
 
 enum Command : uint32_t {
   kCmdNone = 0,
   kCmdTrim = 1,          // give every free page back now
   kCmdSetSoftLimit = 2,  // arg: bytes of RSS above which free memory is purged at once (0: none)
+  kCmdProfileStart = 3,  // arg: sampling rate (1: every allocation); cmd_text: capture prefix (absolute)
+  kCmdProfileStop = 4,   // stop profiling; ack_text: the capture that was written
+};
+
+// Why a command was not done (ack_error; errno values for the file's own errors).
+enum AckError : int32_t {
+  kAckOk = 0,
+  kAckAlreadyProfiling = -1,  // ack_text: the capture being written
+  kAckNotProfiling = -2,
+  kAckUnknownCommand = -3,
+  kAckFinalizing = -4,  // the interpreter is exiting
 };
 
 enum CmdState : uint32_t { kSlotFree = 0, kSlotWriting = 1, kSlotPending = 2 };
@@ -65,7 +77,16 @@ struct Page {
   uint64_t ack_released;       // bytes it released
   uint64_t ack_rss_before;     // RSS before and after it
   uint64_t ack_rss_after;
+
+  // Version 2.
+  int32_t ack_error;  // AckError, or an errno
+  uint32_t pad2;
+  char cmd_text[256];  // the command's text argument, NUL-terminated
+  char ack_text[256];  // its text answer, NUL-terminated
 };
+
+// The part of the page a version 1 writer has.
+constexpr uint32_t kVersion1Bytes = offsetof(Page, ack_error);
 
 static_assert(sizeof(Page) <= kFileBytes, "the telemetry page must fit its file");
 static_assert(std::atomic<uint64_t>::is_always_lock_free && std::atomic<uint32_t>::is_always_lock_free,

@@ -118,7 +118,8 @@ ReadResult read_page(const std::string& path, pid_t pid, uint64_t start_ticks, u
       why = "too short";
     else if (p->magic != kMagic)
       why = "not an ebb telemetry page (bad magic)";
-    else if (p->version != kVersion || p->size < sizeof(Page))
+    else if (p->version == 0 || p->version > kVersion ||
+             p->size < (p->version == 1 ? kVersion1Bytes : static_cast<uint32_t>(sizeof(Page))))
       why = "unknown page version";
     if (why != nullptr) {
       close(fd);
@@ -152,6 +153,7 @@ ReadResult read_page(const std::string& path, pid_t pid, uint64_t start_ticks, u
     return fail(Status::kInvalid, "bad statistics header", path);
   r.status = Status::kOk;
   r.path = path;
+  r.snap.version = p->version;
   r.snap.allocator.assign(p->allocator, strnlen(p->allocator, sizeof p->allocator));
   r.snap.updated_ms = p->updated_ms;
   r.snap.rss_bytes = p->rss_bytes;
@@ -175,13 +177,23 @@ ReadResult read_pid(pid_t pid, const std::string& proc_root) {
   return read_for(proc::read_process(pid, proc_root), proc_root);
 }
 
-Ack send(pid_t pid, Command cmd, uint64_t arg, int timeout_ms, const std::string& proc_root) {
+Ack send(pid_t pid, Command cmd, uint64_t arg, int timeout_ms, const std::string& text, const std::string& proc_root) {
   Ack ack;
   proc::Process proc = proc::read_process(pid, proc_root);
   ReadResult check = read_for(proc, proc_root);
   if (check.status != Status::kOk) {
     ack.status = check.status;
     ack.message = check.message;
+    return ack;
+  }
+  const bool v2 = cmd == kCmdProfileStart || cmd == kCmdProfileStop || !text.empty();
+  if (v2 && check.snap.version < 2) {
+    ack.status = Status::kInvalid;
+    ack.message = "its libebb is older than this ebb (telemetry page version 1): restart it with this libebb";
+    return ack;
+  }
+  if (text.size() >= sizeof(Page::cmd_text)) {
+    ack.message = "command text too long";
     return ack;
   }
   ReadResult err;
@@ -214,6 +226,10 @@ Ack send(pid_t pid, Command cmd, uint64_t arg, int timeout_ms, const std::string
   uint64_t acks = page->acks.load(std::memory_order_acquire);
   page->cmd = cmd;
   page->cmd_arg = arg;
+  if (check.snap.version >= 2) {
+    memset(page->cmd_text, 0, sizeof page->cmd_text);
+    memcpy(page->cmd_text, text.data(), text.size());
+  }
   page->cmd_state.store(kSlotPending, std::memory_order_release);
   page->wake.fetch_add(1, std::memory_order_release);
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(&page->wake), FUTEX_WAKE, 1, nullptr, nullptr, 0);
@@ -233,6 +249,10 @@ Ack send(pid_t pid, Command cmd, uint64_t arg, int timeout_ms, const std::string
   ack.released = page->ack_released;
   ack.rss_before = page->ack_rss_before;
   ack.rss_after = page->ack_rss_after;
+  if (check.snap.version >= 2) {
+    ack.error = page->ack_error;
+    ack.text.assign(page->ack_text, strnlen(page->ack_text, sizeof page->ack_text));
+  }
   munmap(mem, kFileBytes);
   return ack;
 }

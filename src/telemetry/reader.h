@@ -17,6 +17,7 @@ enum class Status { kOk, kNoPage, kStale, kInvalid, kBusy, kError };
 const char* status_name(Status s);
 
 struct Snapshot {
+  uint32_t version = 0;  // of the page
   std::string allocator;
   uint64_t updated_ms = 0;
   uint64_t rss_bytes = 0;
@@ -49,10 +50,14 @@ struct Ack {
   uint64_t released = 0;
   uint64_t rss_before = 0;
   uint64_t rss_after = 0;
+  int32_t error = 0;  // AckError or an errno: the process did not do it
+  std::string text;   // the process's text answer (a capture's path)
 };
 
-// Sends a command and waits up to timeout_ms for the acknowledgement.
-Ack send(pid_t pid, Command cmd, uint64_t arg, int timeout_ms, const std::string& proc_root = "/proc");
+// Sends a command (text: its text argument, version 2 pages only) and waits
+// up to timeout_ms for the acknowledgement.
+Ack send(pid_t pid, Command cmd, uint64_t arg, int timeout_ms, const std::string& text = "",
+         const std::string& proc_root = "/proc");
 
 // PIDs with a page in dir; removes pages of processes that are gone (only
 // files we own). Returns the live PIDs.

@@ -273,12 +273,136 @@ def test_bad_input_gets_one_clear_line(ebb_bin, tmp_path):
     junk = tmp_path / "junk.ebbprof"
     junk.write_bytes(b"not a capture at all, just some bytes" * 4)
     r = subprocess.run([ebb_bin, "profile", "report", str(junk)], capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr.strip() == f"ebb profile report: {junk}: not an ebb profile capture"
+    assert r.returncode == 2 and r.stderr.strip() == f"ebb profile report: {junk}: not an ebb profile capture"
     r = subprocess.run([ebb_bin, "profile", "report", str(tmp_path / "missing")], capture_output=True, text=True)
-    assert r.returncode == 1 and "cannot open" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "cannot open" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = subprocess.run([ebb_bin, "profile"], capture_output=True, text=True)
     assert r.returncode == 2 and "no command" in r.stderr
     r = subprocess.run([ebb_bin, "profile", "--rate", "lots", "--", "true"], capture_output=True, text=True)
     assert r.returncode == 2 and "--rate" in r.stderr
     r = subprocess.run([ebb_bin, "profile", "--", "no-such-command-here"], capture_output=True, text=True)
     assert r.returncode == 127 and "not found" in r.stderr
+
+
+# A long-running process profiled in place: what it kept before the attach is
+# not in the capture, what it did while attached is, and it runs on after.
+SERVED = '''
+import os, sys, time
+def wait_for(name):
+    while not os.path.exists(name):
+        time.sleep(0.02)
+
+def early():
+    return [bytes(100_000) for _ in range(200)]          # EARLY: before the attach
+
+def attached():
+    return [bytes(100_000) for _ in range(300)]          # KEPT: 300 x 100,033 B, live at the detach
+
+def churn():
+    for _ in range(1000):
+        b = bytes(100_000)                               # CHURN: allocated and freed
+        del b
+
+def after():
+    return [bytes(100_000) for _ in range(400)]          # AFTER: once detached
+
+early_data = early()
+print("ready", flush=True)
+for round in (1, 2):
+    wait_for(f"go{round}")
+    if round == 1:
+        del early_data                                   # frees of objects the capture never saw
+    kept = attached()
+    churn()
+    open(f"done{round}", "w").close()
+    wait_for(f"detached{round}")
+    late = after()
+    open(f"after{round}", "w").close()
+print("finished", len(kept), len(late), flush=True)
+'''
+
+
+def test_attach_to_a_running_process_and_detach(ebb_bin, ebb_lib, preload_env, tmp_path):
+    script = tmp_path / "prog.py"  # at_line looks for this name
+    script.write_text(SERVED)
+    env = dict(preload_env, EBB_TELEMETRY="1", EBB_TELEMETRY_DIR=str(tmp_path / "pages"))
+    target = subprocess.Popen([PY, str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert target.stdout.readline().strip() == "ready"
+        time.sleep(0.2)  # the purger thread has made the page
+        for round in (1, 2):
+            prefix = tmp_path / f"attach{round}"
+            mode = ["--all"] if round == 1 else ["--rate", "16K"]  # exact, then sampled
+            prof = subprocess.Popen([ebb_bin, "profile", "--pid", str(target.pid), *mode, "-o", str(prefix)],
+                                    stderr=subprocess.PIPE, text=True)
+            line = prof.stderr.readline()
+            assert "profiling process" in line, line + prof.stderr.read()
+            (tmp_path / f"go{round}").touch()
+            deadline = time.time() + 60
+            while not (tmp_path / f"done{round}").exists():
+                assert time.time() < deadline and target.poll() is None
+                time.sleep(0.02)
+            prof.send_signal(signal.SIGINT)
+            rest = prof.communicate(timeout=30)[1]
+            assert prof.returncode == 0, line + rest
+            capture = Path(f"{prefix}.{target.pid}.ebbprof")
+            assert f"ebb profile report {capture}" in rest
+            size = capture.stat().st_size
+            (tmp_path / f"detached{round}").touch()
+            while not (tmp_path / f"after{round}").exists():
+                assert time.time() < deadline and target.poll() is None
+                time.sleep(0.02)
+
+            end, total = report(ebb_bin, capture, "end"), report(ebb_bin, capture, "total")
+            kept, churned = at_line(end, "KEPT", SERVED), at_line(total, "CHURN", SERVED)
+            if round == 1:
+                # The 300 objects, and the list comprehension's list of them (2.4 KB).
+                assert 300 * 100_033 < kept < 300 * 100_033 + 4096
+                assert churned == 1000 * 100_033
+            else:
+                assert kept == pytest.approx(300 * 100_033, rel=0.1)
+                assert churned == pytest.approx(1000 * 100_033, rel=0.1)
+            assert at_line(total, "EARLY", SERVED) == 0 and at_line(total, "AFTER", SERVED) == 0
+            assert end["end"]["bytes"] >= kept if round == 1 else end["end"]["bytes"] > 0.9 * 300 * 100_033
+        out = target.communicate(timeout=60)[0]
+        assert target.returncode == 0 and "finished 300 400" in out
+        assert capture.stat().st_size == size, "nothing is written after the detach"
+    finally:
+        if target.poll() is None:
+            target.kill()
+            target.wait()
+
+
+def test_attach_refusals_are_one_clear_line(ebb_bin, preload_env, tmp_path):
+    def attach(pid, *extra):
+        r = subprocess.run([*extra, ebb_bin, "profile", "--pid", str(pid), "--duration", "1s", "-o",
+                            str(tmp_path / "x")], capture_output=True, text=True, timeout=30)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        return r
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    r = attach(gone.pid)
+    assert r.returncode == 2 and f"no process {gone.pid}" in r.stderr
+
+    plain = subprocess.Popen(["sleep", "30"])
+    no_telemetry = subprocess.Popen([PY, "-c", "import time; time.sleep(30)"], env=preload_env)
+    try:
+        time.sleep(0.3)
+        r = attach(plain.pid)
+        assert r.returncode == 2 and "not libebb" in r.stderr, r.stderr
+        r = attach(no_telemetry.pid)
+        assert r.returncode == 2 and "without telemetry" in r.stderr, r.stderr
+        if os.geteuid() == 0:
+            # An unprivileged user cannot profile root's process.
+            r = attach(plain.pid, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+            assert r.returncode == 2 and "belongs to another user" in r.stderr, r.stderr
+    finally:
+        for p in (plain, no_telemetry):
+            p.kill()
+            p.wait()
+    r = subprocess.run([ebb_bin, "profile", "--pid", "1", "--", "true"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no command" in r.stderr
+    r = subprocess.run([ebb_bin, "profile", "--pid", str(os.getpid()), "--duration", "soon"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--duration" in r.stderr
