@@ -63,6 +63,16 @@ unsigned ebb_class_count(void) EBB_NOEXCEPT;
 /* Statistics of one size class. Returns 0, or -1 for a bad class or size. */
 int ebb_class_stats(unsigned cls, ebb_class_stats_t* out, size_t size) EBB_NOEXCEPT;
 
+/* Profiling (docs/profile.md): starts writing the capture <prefix>.<pid>.ebbprof,
+ * sampling one byte in `rate` bytes allocated on average (0 or 1: every
+ * allocation); children forked afterwards write their own. Returns 0, or an
+ * errno: EBUSY when a capture is being written already, ECANCELED when the
+ * interpreter is exiting, or why the file could not be made. */
+int ebb_profile_start(const char* prefix, uint64_t rate) EBB_NOEXCEPT;
+/* Stops profiling: the capture ends with what is live now. Returns 0, or
+ * ENOENT when no capture is being written. */
+int ebb_profile_stop(void) EBB_NOEXCEPT;
+
 /* "ebb X.Y.Z" */
 const char* ebb_version(void) EBB_NOEXCEPT;
 

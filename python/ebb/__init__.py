@@ -4,6 +4,8 @@
     ebb.loaded()          # True when libebb is this process's malloc
     ebb.stats()           # libebb's heap statistics, as a dict
     ebb.trim()            # give free memory back now; bytes released
+    ebb.profile_start("/tmp/app")  # write an allocation capture /tmp/app.<pid>.ebbprof
+    ebb.profile_stop()    # end it (docs/profile.md)
     ebb.isolate(f, *args) # run f in a forked child, return its result; its memory goes with it
 
 Submodules, each used on its own:
@@ -27,7 +29,7 @@ import signal
 import time
 import traceback
 
-__all__ = ["NotLoaded", "isolate", "loaded", "stats", "trim"]
+__all__ = ["NotLoaded", "isolate", "loaded", "profile_start", "profile_stop", "stats", "trim"]
 
 _STATS_FIELDS = ("allocs_total", "requested_total", "live_bytes", "thread_cached_bytes", "active_pages",
                  "resident_bytes", "mapped_bytes", "purged_total", "unmapped_total", "purge_calls",
@@ -49,6 +51,7 @@ def _lib():
         process = ctypes.CDLL(None)
         process.ebb_stats.argtypes = [ctypes.POINTER(_Stats), ctypes.c_size_t]
         process.ebb_trim.restype = ctypes.c_size_t
+        process.ebb_profile_start.argtypes = [ctypes.c_char_p, ctypes.c_uint64]
         return process
     except (OSError, AttributeError):
         return None
@@ -87,6 +90,26 @@ def trim():
         return int(lib.ebb_trim())
     ctypes.CDLL("libc.so.6").malloc_trim(ctypes.c_size_t(0))
     return None
+
+
+def profile_start(prefix, rate=524288):
+    """Starts libebb's allocation profiler: the capture PREFIX.<pid>.ebbprof.
+
+    One byte in `rate` bytes allocated is sampled on average (1: every
+    allocation); processes forked afterwards write their own capture. Read
+    it with `ebb profile report`. Returns the capture's path. Raises
+    NotLoaded without libebb, OSError when the capture cannot be made or one
+    is being written already (EBUSY)."""
+    prefix = os.path.abspath(os.fspath(prefix))
+    err = _need().ebb_profile_start(prefix.encode(), int(rate))
+    if err != 0:
+        raise OSError(err, f"ebb.profile_start: {os.strerror(err)}", prefix)
+    return f"{prefix}.{os.getpid()}.ebbprof"
+
+
+def profile_stop():
+    """Stops the profiler; the capture ends with what is live now. False when it was not on."""
+    return _need().ebb_profile_stop() == 0
 
 
 def isolate(func, *args, timeout=None, **kwargs):

@@ -262,6 +262,13 @@ def _become_worker(opts, conn, request):
     for key, value in request.get("env", {}).items():
         os.environ[key] = value
     worker_id = request.get("env", {}).get("EBB_WORKER_ID", "?")
+    prefix = request.get("env", {}).get("EBB_PROFILE")
+    if prefix:  # ebb run --profile: this worker's own capture, from here on
+        lib = ctypes.CDLL(None)
+        lib.ebb_profile_start.argtypes = [ctypes.c_char_p, ctypes.c_uint64]
+        err = lib.ebb_profile_start(prefix.encode(), int(request["env"].get("EBB_PROFILE_RATE", "524288")))
+        if err != 0:
+            print(f"ebb worker {worker_id}: profile off: {os.strerror(err)}", file=sys.stderr, flush=True)
     _name_process(f"ebb worker {worker_id}: {_command_text(opts)}", f"ebb worker {worker_id}")
     # Python's random reseeds itself after fork; numpy's legacy global state does not.
     if "numpy.random" in sys.modules:

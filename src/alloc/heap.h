@@ -426,7 +426,9 @@ void profile_start();  // EBB_PROFILE is set: open the capture (library construc
 // Profiling turned on and off in a running process (telemetry commands, run
 // by the purger thread): 0 or a telemetry::AckError / errno. path gets the
 // capture file's name.
-int32_t profile_attach(const char* prefix, uint64_t rate, char* path, size_t cap);
+constexpr size_t kMaxProfilePrefix = 256;  // bytes, with its NUL
+// follow_fork: children forked afterwards write their own capture.
+int32_t profile_attach(const char* prefix, uint64_t rate, bool follow_fork, char* path, size_t cap);
 int32_t profile_detach(char* path, size_t cap);
 // Allocation p of `size` bytes reached its thread's sample point (alloc.h).
 EBB_NOINLINE void profile_alloc(void* p, size_t size);

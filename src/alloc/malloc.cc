@@ -7,6 +7,7 @@
 
 #include "alloc.h"
 #include "ebb.h"
+#include "page.h"
 
 #define EBB_API extern "C" __attribute__((visibility("default")))
 
@@ -200,6 +201,20 @@ EBB_API size_t ebb_trim(void) noexcept {
   if (t_cache.state == 1) tcache_flush_all(&t_cache);
   bool pending = false;
   return purge_all(true, &pending);
+}
+
+EBB_API int ebb_profile_start(const char* prefix, uint64_t rate) noexcept {
+  if (prefix == nullptr || *prefix == 0 || strlen(prefix) >= ebb::kMaxProfilePrefix) return EINVAL;
+  char path[8];
+  const int32_t err = ebb::profile_attach(prefix, rate, true, path, sizeof path);
+  if (err == ebb::telemetry::kAckAlreadyProfiling) return EBUSY;
+  if (err == ebb::telemetry::kAckFinalizing) return ECANCELED;
+  return err;
+}
+
+EBB_API int ebb_profile_stop(void) noexcept {
+  char path[8];
+  return ebb::profile_detach(path, sizeof path) == 0 ? 0 : ENOENT;
 }
 
 EBB_API const char* ebb_version(void) noexcept { return "ebb " EBB_VERSION_STRING; }

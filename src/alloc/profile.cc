@@ -124,9 +124,9 @@ capture::Header* g_header = nullptr;
 bool g_all = false;
 bool g_ended = false;
 uint64_t g_rate = 0;
-char g_prefix[256];          // captures are <prefix>.<pid>.ebbprof
-char g_path[300];            // the one being written
-bool g_follow_fork = false;  // a forked child opens its own (EBB_PROFILE), or stops (attached)
+char g_prefix[kMaxProfilePrefix];  // captures are <prefix>.<pid>.ebbprof
+char g_path[300];                  // the one being written
+bool g_follow_fork = false;        // a forked child opens its own (EBB_PROFILE), or stops (attached)
 
 uint64_t now_ns() {
   struct timespec ts;
@@ -145,6 +145,11 @@ uint8_t* reserve(size_t bytes) {
       return nullptr;
     }
     g_file_bytes = want;
+    // The records written so far leave the process's page tables (they stay
+    // in the page cache and reach the file): a long capture must not count
+    // in the RSS that ebb run recycles workers for. The header page comes
+    // back at its next write.
+    madvise(g_map, g_used & ~(kPageSize - 1), MADV_DONTNEED);
   }
   uint8_t* at = g_map + g_used;
   g_used += bytes;
@@ -524,7 +529,7 @@ void profile_start() {
   }
 }
 
-int32_t profile_attach(const char* prefix, uint64_t rate, char* path, size_t cap) {
+int32_t profile_attach(const char* prefix, uint64_t rate, bool follow_fork, char* path, size_t cap) {
   find_python();
   LockGuard guard(g_lock);
   if (g_map != nullptr) {
@@ -533,7 +538,7 @@ int32_t profile_attach(const char* prefix, uint64_t rate, char* path, size_t cap
   }
   if (g_py.is_finalizing != nullptr && g_py.is_finalizing() != 0) return telemetry::kAckFinalizing;
   copy_out(prefix, g_prefix, sizeof g_prefix);
-  g_follow_fork = false;
+  g_follow_fork = follow_fork;
   const int32_t err = begin(rate);
   copy_out(g_path, path, cap);
   return err;

@@ -170,7 +170,7 @@ void telemetry_serve() {
     char prefix[sizeof p->cmd_text];
     memcpy(prefix, p->cmd_text, sizeof prefix);
     prefix[sizeof prefix - 1] = 0;
-    error = profile_attach(prefix, arg, p->ack_text, sizeof p->ack_text);
+    error = profile_attach(prefix, arg, false, p->ack_text, sizeof p->ack_text);
   } else if (cmd == telemetry::kCmdProfileStop) {
     error = profile_detach(p->ack_text, sizeof p->ack_text);
   } else if (cmd == telemetry::kCmdTrim) {

@@ -39,6 +39,8 @@ struct RunArgs {
   std::vector<std::string> preload;
   bool preload_fallback = false;
   std::string preload_timeout = "120s";
+  std::string profile;  // capture prefix; "" off
+  std::string profile_rate = "512K";
   std::vector<std::string> command;
 };
 
@@ -131,6 +133,35 @@ int run_run(const RunArgs& a) {
     o.preload = a.preload;
     o.preload_fallback = a.preload_fallback;
     o.preload_timeout_s = seconds_of(a.preload_timeout);
+  }
+  if (!a.profile.empty()) {
+    uint64_t rate = 0;
+    if (alloc->name != "ebb") {
+      error("run", "--profile needs --allocator ebb (the profiler is part of libebb)");
+      return 2;
+    }
+    if (a.profile_rate == "all")
+      rate = 1;
+    else if (!parse_size(a.profile_rate, &rate) || rate < 2 || rate > UINT32_MAX) {
+      error("run", "--profile-rate wants a size from 2 bytes to 4G (for example 512K), or all");
+      return 2;
+    }
+    o.profile_prefix = a.profile;
+    if (o.profile_prefix[0] != '/') {
+      char cwd[4096];
+      if (getcwd(cwd, sizeof cwd) != nullptr) o.profile_prefix = std::string(cwd) + "/" + o.profile_prefix;
+    }
+    const size_t slash = o.profile_prefix.rfind('/');
+    const std::string dir = slash == 0 ? "/" : o.profile_prefix.substr(0, slash);
+    if (access(dir.c_str(), W_OK) != 0) {
+      error("run", fmt::format("--profile: cannot write captures in {}: {}", dir, strerror(errno)));
+      return 2;
+    }
+    if (o.profile_prefix.size() > 180) {
+      error("run", "--profile: the capture prefix is too long (at most 180 bytes as an absolute path)");
+      return 2;
+    }
+    o.profile_rate = rate;
   }
   o.command = a.command;
   o.env = child_environment(*alloc, {"EBB_TELEMETRY=1"});
@@ -266,8 +297,18 @@ void register_run(CLI::App& app, int& rc) {
   sub->add_option("--preload-timeout", a->preload_timeout,
                   "The fork server must have imported everything within this time (default: 120s)")
       ->check(duration_check());
+  auto* profile = sub->add_option("--profile", a->profile,
+                                  "Profile every worker's allocations: captures PREFIX.w<ID>.<pid>.ebbprof "
+                                  "(default PREFIX: ebb-profile; read them with ebb profile report)")
+                      ->expected(0, 1)
+                      ->option_text("[PREFIX]");
+  sub->add_option("--profile-rate", a->profile_rate, "With --profile: one byte in SIZE sampled, or all (default: 512K)")
+      ->option_text("SIZE");
   sub->add_option("command", a->command, "The worker command, after --")->expected(-1);
-  sub->callback([a, &rc]() { rc = run_run(*a); });
+  sub->callback([a, profile, &rc]() {
+    if (profile->count() > 0 && a->profile.empty()) a->profile = "ebb-profile";
+    rc = run_run(*a);
+  });
 }
 
 }  // namespace ebb::cli

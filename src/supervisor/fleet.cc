@@ -295,6 +295,9 @@ int Fleet::run() {
       if (!o_.master.warning.empty()) text += "; warning: " + o_.master.warning;
       if (o_.master_hard_limit && !o_.master.handover_note.empty()) text += "; warning: " + o_.master.handover_note;
     }
+    if (!o_.profile_prefix.empty())
+      text += "; profiling every worker into " + o_.profile_prefix + (o_.children ? ".master" : ".w<ID>") +
+              ".<pid>.ebbprof";
     log_.event("config", text,
                {{"workers", n},
                 {"children", o_.children},
@@ -307,7 +310,8 @@ int Fleet::run() {
                 {"stop_signal", signame(o_.stop_signal)},
                 {"master", o_.children ? o_.master.name : ""},
                 {"master_hard_limit", o_.master_hard_limit},
-                {"recycle_children", o_.children && o_.recycle_children}});
+                {"recycle_children", o_.children && o_.recycle_children},
+                {"profile", o_.profile_prefix}});
   }
   if (!o_.preload.empty()) {
     use_zygote_ = true;

@@ -74,6 +74,7 @@ class Fleet {
  private:
   // ---- processes
   pid_t spawn(int id);
+  std::vector<std::string> worker_env(int id) const;  // what worker `id` gets on top of the fleet's
   Worker& add_worker(int id, pid_t pid);
   void start_slot(Slot& s, const char* why);
   void log_start(const Slot& s, const std::string& why);

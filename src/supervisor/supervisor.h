@@ -52,6 +52,11 @@ struct Options {
   std::string cgroup_dir;     // watched for OOM kills and pressure; empty: none
   std::string status_socket;  // unix socket answering the fleet's status as JSON; empty: none
   std::string metrics;        // HOST:PORT of the Prometheus endpoint; empty: none
+  // --profile: every worker writes an allocation capture (docs/profile.md),
+  // <profile_prefix>.w<ID>.<pid>.ebbprof (the master: .master.), one byte in
+  // profile_rate sampled. Empty: no profiling.
+  std::string profile_prefix;
+  uint64_t profile_rate = 524288;
 
   // --preload: workers are forked from a Python fork server (zygote.h) that
   // imported these modules once. Empty: each worker is `command`, exec'd.

@@ -46,9 +46,20 @@ Worker& Fleet::add_worker(int id, pid_t pid) {
   return w;
 }
 
+std::vector<std::string> Fleet::worker_env(int id) const {
+  std::vector<std::string> env = {"EBB_WORKER_ID=" + std::to_string(id)};
+  if (!o_.profile_prefix.empty()) {
+    // Named by worker; the pid completes the name. A master's children
+    // follow it, each with its own pid.
+    env.push_back("EBB_PROFILE=" + o_.profile_prefix + (o_.children ? ".master" : ".w" + std::to_string(id)));
+    env.push_back("EBB_PROFILE_RATE=" + std::to_string(o_.profile_rate));
+  }
+  return env;
+}
+
 pid_t Fleet::spawn(int id) {
   std::vector<std::string> env = o_.env;
-  env.push_back("EBB_WORKER_ID=" + std::to_string(id));
+  for (auto& e : worker_env(id)) env.push_back(std::move(e));
   std::vector<std::string> args = o_.command;
   std::vector<char*> envp = proc::c_strings(env), argv = proc::c_strings(args);
   pid_t ppid = getpid();
@@ -78,7 +89,7 @@ void Fleet::start_slot(Slot& s, const char* why) {
     // back (on_zygote_message), so the loop never waits for a fork.
     std::string err;
     s.pid = 0;  // a recycled worker still stopping is no longer the slot's
-    if (!zygote_->request_fork(s.id, {"EBB_WORKER_ID=" + std::to_string(s.id)}, &err)) {
+    if (!zygote_->request_fork(s.id, worker_env(s.id), &err)) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) {  // its queue is full (hundreds of slots at once): later
         s.restart_at = now_s() + 0.1;
         return;

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from test_run import fleet  # noqa: F401
 
 PY = "/usr/bin/python3"
 MB = 1_000_000
@@ -406,3 +407,92 @@ def test_attach_refusals_are_one_clear_line(ebb_bin, preload_env, tmp_path):
     r = subprocess.run([ebb_bin, "profile", "--pid", str(os.getpid()), "--duration", "soon"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--duration" in r.stderr
+
+
+# ebb run --profile: every worker writes its own capture, named by worker id
+# and pid, whether ebb execs it or forks it from the fork server.
+WORKER = '''
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+def build():
+    return [bytes(100_000) for _ in range(200)]          # KEEP: 200 x 100,033 B, to the end
+kept = build()
+os.write(1, f"ready {os.getpid()} {os.environ['EBB_WORKER_ID']}\\n".encode())
+while True:
+    time.sleep(1)
+'''
+
+
+@pytest.mark.parametrize("preload", [[], ["--preload", "json"]], ids=["exec", "fork-server"])
+def test_run_profile_gives_every_worker_its_capture(fleet, tmp_path, preload):  # noqa: F811
+    (tmp_path / "prog.py").write_text(WORKER)
+    prefix = tmp_path / "fleet"
+    f = fleet(["-w", "2", "--profile", str(prefix), "--profile-rate", "32K", *preload], [],
+              command=[PY, str(tmp_path / "prog.py")], cwd=tmp_path)
+    deadline = time.monotonic() + 30
+    while len([x for x in f.stdout if x.startswith("ready")]) < 2:
+        assert time.monotonic() < deadline, "".join(f.raw)
+        time.sleep(0.05)
+    config = f.of("config")[0]
+    assert config["profile"] == str(prefix)
+    assert f.stop() == 0
+    workers = {line.split()[2]: line.split()[1] for line in f.stdout if line.startswith("ready")}
+    assert sorted(workers) == ["1", "2"]
+    for wid, pid in workers.items():
+        capture = Path(f"{prefix}.w{wid}.{pid}.ebbprof")
+        assert capture.exists(), sorted(os.listdir(tmp_path))
+        rep = report(ebb_bin_of(f), capture, "end")
+        assert rep["pid"] == int(pid)
+        assert at_line(rep, "KEEP", WORKER) == pytest.approx(200 * 100_033, rel=0.1)
+    # Nothing else was profiled: not ebb, not the fork server.
+    assert sorted(p.name for p in tmp_path.glob("fleet.*")) == sorted(
+        f"fleet.w{wid}.{pid}.ebbprof" for wid, pid in workers.items())
+
+
+def ebb_bin_of(f):
+    return f.argv[0]
+
+
+def test_run_profile_refusals(ebb_bin, tmp_path):
+    r = subprocess.run([ebb_bin, "run", "--profile", str(tmp_path / "x"), "--allocator", "system", "--", "true"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--profile needs --allocator ebb" in r.stderr
+    r = subprocess.run([ebb_bin, "run", "--profile", str(tmp_path / "x"), "--profile-rate", "often", "--", "true"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--profile-rate" in r.stderr
+    r = subprocess.run([ebb_bin, "run", "--profile", "/nonexistent/dir/x", "--", "true"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "cannot write captures in /nonexistent/dir" in r.stderr
+
+
+API = '''
+import errno, sys
+import ebb
+before = [bytes(100_000) for _ in range(50)]
+path = ebb.profile_start(sys.argv[1], rate=1)
+try:
+    ebb.profile_start(sys.argv[1])
+except OSError as e:
+    assert e.errno == errno.EBUSY, e
+else:
+    raise AssertionError("a second start while profiling must fail")
+def inside():
+    return [bytes(100_000) for _ in range(70)]           # INSIDE: between start and stop
+kept = inside()
+assert ebb.profile_stop() is True and ebb.profile_stop() is False
+after = [bytes(100_000) for _ in range(90)]
+print(path)
+'''
+
+
+def test_python_can_start_and_stop_a_capture(ebb_bin, preload_env, tmp_path):
+    (tmp_path / "prog.py").write_text(API)
+    env = dict(preload_env, PYTHONPATH=str(REPO / "python"))
+    r = subprocess.run([PY, str(tmp_path / "prog.py"), str(tmp_path / "api")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    capture = Path(r.stdout.strip())
+    assert capture.name == f"api.{capture.name.split('.')[1]}.ebbprof" and capture.exists()
+    total = report(ebb_bin, capture, "total")
+    assert 70 * 100_033 < at_line(total, "INSIDE", API) < 70 * 100_033 + 4096
+    assert total["total_bytes"] < 80 * 100_033  # nothing from before the start or after the stop
