@@ -30,15 +30,9 @@ EBB_INLINE void* alloc_class(unsigned cls, size_t size) {
   return tcache_alloc_slow(cls);
 }
 
-// A large object (own mapping), counted and offered to the profiler.
-EBB_INLINE void* alloc_large(size_t size, size_t align, bool zero) {
-  ThreadCache& tc = t_cache;
-  tc.allocs++;
-  tc.alloc_bytes += size;
-  void* p = large_alloc(size, align, zero);
-  if (EBB_UNLIKELY(tc.alloc_bytes >= tc.sample_at)) profile_alloc(p, size);
-  return p;
-}
+// A large object (own mapping), counted and offered to the profiler. Out
+// of line: malloc's fast path saves no register for it.
+EBB_NOINLINE void* alloc_large(size_t size, size_t align, bool zero);
 
 EBB_INLINE void* alloc(size_t size) {
   // malloc(0) lands in class 0, whose cache is always empty: the slow path
@@ -82,10 +76,14 @@ EBB_INLINE void cache_push(unsigned cls, FreeObj* o) {
   tcache_free_slow(cls, o);
 }
 
+// free of an object of a span holding a sample: the profiler looks, then
+// the free goes on (a tail call, so that free's fast path saves nothing).
+EBB_NOINLINE void free_small_sampled(Span* s, FreeObj* o, const char* what);
+
 EBB_INLINE void free_small(SegmentHeader* h, void* p, const char* what) {
   Span* s = checked_span(h, p, what);
   auto* o = static_cast<FreeObj*>(p);
-  if (EBB_UNLIKELY(s->sampled)) profile_free_small(s, p);
+  if (EBB_UNLIKELY(s->sampled)) return free_small_sampled(s, o, what);
   if (EBB_UNLIKELY(o->key == g_free_key)) return free_suspect(s, o, what);
   cache_push(s->cls, o);
 }

@@ -38,6 +38,21 @@ void dealloc_other(void* p, const char* what) {
   large_free(h, p);
 }
 
+void* alloc_large(size_t size, size_t align, bool zero) {
+  ThreadCache& tc = t_cache;
+  tc.allocs++;
+  tc.alloc_bytes += size;
+  void* p = large_alloc(size, align, zero);
+  if (EBB_UNLIKELY(tc.alloc_bytes >= tc.sample_at)) profile_alloc(p, size);
+  return p;
+}
+
+void free_small_sampled(Span* s, FreeObj* o, const char* what) {
+  profile_free_small(s, o);
+  if (EBB_UNLIKELY(o->key == g_free_key)) return free_suspect(s, o, what);
+  cache_push(s->cls, o);
+}
+
 void* alloc_class_sampled(unsigned cls, size_t size) {
   CacheBin& cb = t_cache.bins[cls];
   void* p;
@@ -97,10 +112,16 @@ static void* reallocate(void* p, size_t size) {
     if (size <= old && size >= old - old / 4) return p;
   } else {
     if (size > kMaxSmallSize) {
-      // In place or moved, the old block is gone: to the profiler, a free and a new allocation.
+      // In place or moved, the old block is gone: to the profiler, a free
+      // and a new allocation. The free is recorded first (once the block
+      // is given up, another thread may get its address); if the realloc
+      // then fails, the capture counts a block still live as freed.
       if (EBB_UNLIKELY(g_profile_on)) profile_free(p);
       void* q = large_realloc(h, p, size);
-      if (EBB_UNLIKELY(t_cache.alloc_bytes + size >= t_cache.sample_at) && q != nullptr) profile_alloc(q, size);
+      ThreadCache& tc = t_cache;
+      tc.allocs++;
+      tc.alloc_bytes += size;
+      if (EBB_UNLIKELY(tc.alloc_bytes >= tc.sample_at) && q != nullptr) profile_alloc(q, size);
       return q;
     }
     old = large_usable(h, p);
@@ -207,6 +228,7 @@ EBB_API int ebb_profile_start(const char* prefix, uint64_t rate) noexcept {
   if (prefix == nullptr || *prefix == 0 || strlen(prefix) >= ebb::kMaxProfilePrefix) return EINVAL;
   char path[8];
   const int32_t err = ebb::profile_attach(prefix, rate, true, path, sizeof path);
+  if (err == 0) ebb::purger_options_changed();  // it writes the memory statistics: wake it to its new pace
   if (err == ebb::telemetry::kAckAlreadyProfiling) return EBUSY;
   if (err == ebb::telemetry::kAckFinalizing) return ECANCELED;
   return err;

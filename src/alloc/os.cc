@@ -173,6 +173,17 @@ uint64_t rss_bytes() {
   return parse_u64(p) * static_cast<uint64_t>(getpagesize());
 }
 
+void statm(uint64_t* rss, uint64_t* file) {
+  char buf[128];
+  *rss = *file = 0;
+  if (read_small("/proc/self/statm", buf, sizeof buf) <= 0) return;
+  const char* p = buf;
+  parse_u64(p);  // size
+  const auto page = static_cast<uint64_t>(getpagesize());
+  *rss = parse_u64(p) * page;
+  *file = parse_u64(p) * page;
+}
+
 uint64_t start_ticks() {
   char buf[1024];
   if (read_small("/proc/self/stat", buf, sizeof buf) <= 0) return 0;

@@ -46,6 +46,8 @@ namespace ebb::os {
 
 // Resident set size of this process from /proc/self/statm; 0 if unreadable.
 uint64_t rss_bytes();
+// Resident bytes, and of them those backed by a file or shared memory (statm).
+void statm(uint64_t* rss, uint64_t* file);
 // Field 22 (starttime) of /proc/self/stat; 0 if unreadable.
 uint64_t start_ticks();
 

@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -93,6 +94,9 @@ size_t str_utf8(const uint8_t* s, char* dst, size_t cap) {
   size_t n = 0;
   for (uint64_t i = 0; i < len; i++) {
     uint32_t c = kind == 1 ? data[i] : kind == 2 ? load<uint16_t>(data, 2 * i) : load<uint32_t>(data, 4 * i);
+    // Lone surrogates (undecodable bytes of a file name, as Python keeps
+    // them) and anything beyond Unicode are not UTF-8: U+FFFD instead.
+    if ((c >= 0xd800 && c <= 0xdfff) || c > 0x10ffff) c = 0xfffd;
     char buf[4];
     size_t m;
     if (c < 0x80) {
@@ -116,6 +120,8 @@ size_t str_utf8(const uint8_t* s, char* dst, size_t cap) {
 // ---- the capture file -------------------------------------------------------
 Lock g_lock;  // everything below; taken with no other libebb lock held
 int g_fd = -1;
+dev_t g_dev = 0;           // the capture's identity: a program that closes every fd and
+ino_t g_ino = 0;           // opens another file on the same number must not see it grow
 uint8_t* g_map = nullptr;  // g_map_bytes of address space over the file
 uint64_t g_map_bytes = 0;
 uint64_t g_file_bytes = 0;
@@ -134,13 +140,24 @@ uint64_t now_ns() {
   return static_cast<uint64_t>(ts.tv_sec) * 1000000000u + static_cast<uint64_t>(ts.tv_nsec);
 }
 
+// The file goes from `from` to `to` bytes with its blocks allocated: a write
+// through the mapping to a block the file system could not provide would
+// kill the program with SIGBUS (a full disk). False: the capture stops here.
+bool grow_file(uint64_t from, uint64_t to) {
+  struct stat st;
+  if (fstat(g_fd, &st) != 0 || st.st_dev != g_dev || st.st_ino != g_ino) return false;  // not our file any more
+  if (fallocate(g_fd, 0, static_cast<off_t>(from), static_cast<off_t>(to - from)) == 0) return true;
+  // A file system without fallocate: a sparse extension, as good as it gets.
+  return errno == EOPNOTSUPP && ftruncate(g_fd, static_cast<off_t>(to)) == 0;
+}
+
 // Room for a record of `bytes` (a multiple of 8), or nullptr when the file
 // cannot grow (then the capture says it was truncated).
 uint8_t* reserve(size_t bytes) {
   if (g_map == nullptr) return nullptr;
   if (g_used + bytes + sizeof(capture::RecordHead) > g_file_bytes) {
     const uint64_t want = g_file_bytes + capture::kGrowBytes;
-    if (want > g_map_bytes || ftruncate(g_fd, static_cast<off_t>(want)) != 0) {
+    if (want > g_map_bytes || !grow_file(g_file_bytes, want)) {
       g_header->flags |= capture::kFlagTruncated;
       return nullptr;
     }
@@ -230,7 +247,9 @@ uint32_t python_frames(Frame* out) {
   uint32_t n = 0;
   while (f != nullptr && n < capture::kMaxFrames) {
     const uint8_t* code = load_ptr(f, py311::kFrameCode);
-    if (code == nullptr || load_ptr(code, py311::kObType) != g_py.code_type) break;
+    // Not a code object, or one being deallocated (a weakref callback runs
+    // with its frame still current, its strings already gone): stop here.
+    if (code == nullptr || load_ptr(code, py311::kObType) != g_py.code_type || load<int64_t>(code, 0) <= 0) break;
     const uint8_t* units = code + py311::kCodeUnits;
     const uint8_t* instr = load_ptr(f, py311::kFramePrevInstr);
     const int32_t first_traceable = load<int32_t>(code, py311::kCodeFirstTraceable);
@@ -354,11 +373,22 @@ int open_capture() {
   strcat(g_path, ".ebbprof");
   g_fd = open(g_path, O_RDWR | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (g_fd < 0) return errno;
+  // Out of the way of programs that reuse low descriptors (daemons close
+  // 3..N and open their logs): a high number, and its identity checked.
+  if (const int high = fcntl(g_fd, F_DUPFD_CLOEXEC, 900); high >= 0) {
+    close(g_fd);
+    g_fd = high;
+  }
+  struct stat st;
+  if (fstat(g_fd, &st) == 0) {
+    g_dev = st.st_dev;
+    g_ino = st.st_ino;
+  }
   void* m = MAP_FAILED;
   int err = 0;
   // As much address space as the system grants (valgrind, or a ulimit -v,
   // refuse 64 GiB): the capture stops growing there, and says so.
-  if (ftruncate(g_fd, static_cast<off_t>(capture::kGrowBytes)) == 0) {
+  if (grow_file(0, capture::kGrowBytes)) {
     for (uint64_t want = capture::kMaxBytes; m == MAP_FAILED && want >= capture::kGrowBytes; want /= 8) {
       m = mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, g_fd, 0);
       if (m != MAP_FAILED) g_map_bytes = want;
@@ -475,10 +505,15 @@ int32_t begin(uint64_t rate) {
     return err;
   }
   g_profile_on = true;
-  // Threads that allocated before (the loader, this thread before the
-  // constructor ran, every thread of a process attached to) have their
-  // sample point at "never": start them again. A thread reading its own
-  // sample_at meanwhile sees the old or the new value, both harmless.
+  return 0;
+}
+
+// Threads that allocated before (the loader, this thread before the
+// constructor ran, every thread of a process attached to) have their sample
+// point at "never": start them again. A thread reading its own sample_at
+// meanwhile sees the old or the new value, both harmless. Called without
+// g_lock: fork takes g_tcache_lock first and g_lock last, and so must we.
+void rearm_threads() {
   LockGuard threads(g_tcache_lock);
   t_cache.sample_at = 0;
   t_cache.sample_armed = false;
@@ -486,7 +521,6 @@ int32_t begin(uint64_t rate) {
     tc->sample_at = 0;
     tc->sample_armed = false;
   }
-  return 0;
 }
 
 // Under g_lock: the capture is complete; let it go. Threads that come for
@@ -505,6 +539,39 @@ void finish() {
   drop_tables();
 }
 
+// The process's memory now, as a record. ebb_stats takes the bins' locks:
+// called with g_lock free, and the figures are written under it.
+struct MemoryNow {
+  ebb_stats_t s;
+  uint64_t rss, file;
+};
+MemoryNow memory_now() {
+  MemoryNow m{};
+  ebb_stats(&m.s, sizeof m.s);
+  os::statm(&m.rss, &m.file);
+  return m;
+}
+
+// Under g_lock.
+void write_stats(const MemoryNow& m) {
+  uint8_t* at = reserve(sizeof(capture::StatsRecord));
+  if (at == nullptr) return;
+  auto* r = reinterpret_cast<capture::StatsRecord*>(at);
+  r->time_ns = now_ns() - g_header->start_ns;
+  r->rss_bytes = m.rss;
+  r->file_bytes = m.file;
+  r->live_bytes = m.s.live_bytes;
+  r->heap_resident_bytes = m.s.resident_bytes;
+  r->thread_cached_bytes = m.s.thread_cached_bytes;
+  r->large_cached_bytes = m.s.large_cached_bytes;
+  r->mapped_bytes = m.s.mapped_bytes;
+  r->profiler_bytes = (g_codes != nullptr ? kCodeSlots * sizeof(CodeSlot) : 0) +
+                      (g_live != nullptr ? kLiveSlots * sizeof(uintptr_t) : 0);
+  publish(at, sizeof(capture::StatsRecord), capture::kStats, 0);
+}
+
+uint64_t g_last_stats_ns = 0;  // the purger's
+
 void copy_out(const char* from, char* to, size_t cap) {
   if (cap == 0) return;
   size_t n = strlen(from);
@@ -517,10 +584,16 @@ void copy_out(const char* from, char* to, size_t cap) {
 
 void profile_start() {
   find_python();
-  LockGuard guard(g_lock);
-  copy_out(g_options.profile_prefix, g_prefix, sizeof g_prefix);
-  g_follow_fork = true;
-  if (const int32_t err = begin(g_options.profile_rate); err != 0) {
+  int32_t err;
+  {
+    LockGuard guard(g_lock);
+    copy_out(g_options.profile_prefix, g_prefix, sizeof g_prefix);
+    g_follow_fork = true;
+    err = begin(g_options.profile_rate);
+  }
+  if (err == 0) {
+    rearm_threads();
+  } else {
     os::write_err("ebb: profile off: cannot create a capture ");
     os::write_err(g_path);
     os::write_err(": ");
@@ -531,24 +604,30 @@ void profile_start() {
 
 int32_t profile_attach(const char* prefix, uint64_t rate, bool follow_fork, char* path, size_t cap) {
   find_python();
-  LockGuard guard(g_lock);
-  if (g_map != nullptr) {
+  int32_t err;
+  {
+    LockGuard guard(g_lock);
+    if (g_map != nullptr) {
+      copy_out(g_path, path, cap);
+      return telemetry::kAckAlreadyProfiling;
+    }
+    if (g_py.is_finalizing != nullptr && g_py.is_finalizing() != 0) return telemetry::kAckFinalizing;
+    copy_out(prefix, g_prefix, sizeof g_prefix);
+    g_follow_fork = follow_fork;
+    err = begin(rate);
     copy_out(g_path, path, cap);
-    return telemetry::kAckAlreadyProfiling;
   }
-  if (g_py.is_finalizing != nullptr && g_py.is_finalizing() != 0) return telemetry::kAckFinalizing;
-  copy_out(prefix, g_prefix, sizeof g_prefix);
-  g_follow_fork = follow_fork;
-  const int32_t err = begin(rate);
-  copy_out(g_path, path, cap);
+  if (err == 0) rearm_threads();
   return err;
 }
 
 int32_t profile_detach(char* path, size_t cap) {
+  const MemoryNow m = memory_now();
   LockGuard guard(g_lock);
   if (g_map == nullptr) return telemetry::kAckNotProfiling;
   copy_out(g_path, path, cap);
   if (!g_ended) {
+    write_stats(m);
     // Detached: what is live now is what the capture ends with.
     uint8_t* at = reserve(sizeof(capture::EndRecord));
     if (at != nullptr) {
@@ -558,6 +637,16 @@ int32_t profile_detach(char* path, size_t cap) {
   }
   finish();
   return 0;
+}
+
+void profile_tick() {
+  if (!g_profile_on) return;
+  const uint64_t now = now_ns();
+  if (now - g_last_stats_ns < 1000000000u) return;
+  g_last_stats_ns = now;
+  const MemoryNow m = memory_now();
+  LockGuard guard(g_lock);
+  if (g_map != nullptr && !g_ended) write_stats(m);
 }
 
 void profile_alloc(void* p, size_t size) {

@@ -77,7 +77,13 @@ void* purger_main(void*) {
       int seen = g_wake.load(std::memory_order_acquire);
       if (!pending) {
         g_cold.store(false, std::memory_order_relaxed);  // nothing to follow: the next cold span wakes us
-        Lock::wait(&g_wake, seen, nullptr);
+        if (!g_profile_on) {
+          Lock::wait(&g_wake, seen, nullptr);
+          continue;
+        }
+        struct timespec second = {1, 0};  // the profiler's memory statistics, once a second
+        Lock::wait(&g_wake, seen, &second);
+        profile_tick();
         continue;
       }
       // Let a burst of frees settle before looking. Only a span emptied
@@ -101,6 +107,7 @@ void* purger_main(void*) {
       if (more) g_pending.store(true, std::memory_order_release);
     }
     telemetry_publish(false);
+    profile_tick();
   }
   return nullptr;
 }

@@ -3,7 +3,8 @@
 //
 //   ebb profile [-o PREFIX] [--rate SIZE | --all] -- COMMAND...
 //   ebb profile --pid PID [--duration TIME] [-o PREFIX] [--rate SIZE | --all]
-//   ebb profile report CAPTURE... [--format table|json] [--at peak|end|total|TIME] [--top N]
+//   ebb profile report CAPTURE... [--format table|json|html] [--at peak|end|total|TIME] [--leaks]
+//                      [--inverted] [--top N] [--sort own|inclusive] [-o PAGE.html]
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -22,6 +23,7 @@
 #include "commands.h"
 #include "exec.h"
 #include "format.h"
+#include "html.h"
 #include "launch.h"
 #include "proc.h"
 #include "reader.h"
@@ -45,7 +47,10 @@ struct ReportOptions {
   std::string format = "table";
   std::string at = "peak";
   std::string sort = "own";
+  std::string output;  // the HTML page (default: CAPTURE with .html for .ebbprof)
   size_t top = 20;
+  bool leaks = false;
+  bool inverted = false;
 };
 
 // The capture files <prefix>.<pid>.ebbprof written since `since` (mtime).
@@ -266,6 +271,7 @@ int run_profile(const ProfileOptions& o) {
 
 double seconds(uint64_t ns) { return static_cast<double>(ns) / 1e9; }
 std::string size(double bytes) { return human_bytes(static_cast<uint64_t>(std::llround(bytes))); }
+std::string size(uint64_t bytes) { return human_bytes(bytes); }
 
 std::string where(const profile::Site& s) {
   if (s.file.empty()) return s.function;
@@ -302,70 +308,168 @@ std::string mode_of(const profile::Capture& c) {
   return c.all ? "every allocation" : fmt::format("sampled, one byte in {} on average", human_bytes(c.rate));
 }
 
-int run_report(const ReportOptions& o) {
+nlohmann::json memory_json(const profile::MemoryView& m) {
+  if (!m.known) return nullptr;
+  return {{"time_s", seconds(m.time_ns)},
+          {"rss_bytes", m.rss},
+          {"file_backed_bytes", m.file},
+          {"anonymous_bytes", m.anon},
+          {"heap_resident_bytes", m.heap_resident},
+          {"live_bytes", m.live},
+          {"thread_cached_bytes", m.thread_cached},
+          {"large_cached_bytes", m.large_cached},
+          {"free_in_spans_bytes", m.free_in_spans},
+          {"other_anonymous_bytes", m.other_anon},
+          {"heap_not_resident_bytes", m.untouched},
+          {"profiler_tables_bytes", m.profiler}};
+}
+
+// Why RSS is what it is, in a few lines under the table.
+void print_memory(const profile::MemoryView& m, double estimate) {
+  if (!m.known) {
+    fmt::print("  no memory statistics in this capture (libebb's background thread was off: EBB_BACKGROUND=0)\n");
+    return;
+  }
+  fmt::print("  memory at {:.2f} s (libebb's counters and /proc/self/statm, taken last before the view):\n",
+             seconds(m.time_ns));
+  fmt::print("    RSS {}: {} backed by files (code, libraries, mapped files), {} anonymous\n", size(m.rss),
+             size(m.file), size(m.anon));
+  fmt::print(
+      "    heap {}: live {} (this profile estimates {}), free in thread caches {}, free large blocks kept {}, "
+      "free in partly used spans {} (fragmentation, or not purged yet)\n",
+      size(m.heap_resident), size(m.live), size(estimate), size(m.thread_cached), size(m.large_cached),
+      size(m.free_in_spans));
+  if (m.untouched > 0)
+    fmt::print(
+        "    {} of the heap is not resident: handed out but never written (calloc'd pages the kernel has "
+        "not backed)\n",
+        size(m.untouched));
+  else
+    fmt::print(
+        "    {} anonymous outside the heap: thread stacks, mmap outside malloc, the profiler's tables (up to "
+        "{})\n",
+        size(m.other_anon), size(m.profiler));
+}
+
+// The HTML page's file: --output, else the capture's name with .html.
+std::string html_path(const ReportOptions& o, const std::string& file) {
+  if (!o.output.empty()) return o.output;
+  const std::string tail = ".ebbprof";
+  std::string base = file;
+  if (base.size() > tail.size() && base.compare(base.size() - tail.size(), tail.size(), tail) == 0)
+    base.resize(base.size() - tail.size());
+  return base + ".html";
+}
+
+// One capture's report; throws with a one-line reason.
+void report_one(const ReportOptions& o, const std::string& file, nlohmann::json* all) {
+  const profile::Capture c = profile::read_capture(file);
+  const profile::Analysis a = profile::analyze(c);
+  profile::Snapshot snap;
+  if (!pick(c, a, o.at, &snap)) throw std::invalid_argument("--at");
+  if (o.format == "html") {
+    profile::HtmlOptions h;
+    h.initial = snap.name == "end" || snap.name == "total" ? snap.name : "peak";
+    h.inverted = o.inverted;
+    const std::string out = html_path(o, file);
+    const std::string page = profile::html_report(c, a, h);
+    FILE* f = fopen(out.c_str(), "w");
+    if (f == nullptr) throw std::runtime_error(fmt::format("cannot write {}: {}", out, strerror(errno)));
+    const bool ok = fwrite(page.data(), 1, page.size(), f) == page.size();
+    if (fclose(f) != 0 || !ok) throw std::runtime_error(fmt::format("cannot write {}: {}", out, strerror(errno)));
+    fmt::print(stderr, "ebb profile report: wrote {} ({}); open it in a browser\n", out, human_bytes(page.size()));
+    return;
+  }
+  auto list = profile::sites(c, snap);
+  if (o.sort == "inclusive")
+    std::stable_sort(list.begin(), list.end(),
+                     [](const profile::Site& x, const profile::Site& y) { return x.inclusive > y.inclusive; });
+  if (list.size() > o.top) list.resize(o.top);
+  const profile::MemoryView mem = profile::memory_at(c, snap.name == "total" ? a.total.time_ns : snap.time_ns);
+  if (o.format == "json") {
+    nlohmann::json j = {
+        {"capture", file},
+        {"pid", c.pid},
+        {"ppid", c.ppid},
+        {"mode", c.all ? "all" : "sampled"},
+        {"rate", c.rate},
+        {"python", fmt::format("{}.{}", c.python >> 24, (c.python >> 16) & 255)},
+        {"complete", c.complete},
+        {"truncated", c.truncated},
+        {"dropped_samples", c.dropped},
+        {"peak", {{"bytes", std::llround(a.peak.bytes)}, {"time_s", seconds(a.peak.time_ns)}}},
+        {"end", {{"bytes", std::llround(a.end.bytes)}, {"time_s", seconds(a.end.time_ns)}}},
+        {"total_bytes", std::llround(a.total.bytes)},
+        {"view", {{"at", snap.name}, {"bytes", std::llround(snap.bytes)}, {"time_s", seconds(snap.time_ns)}}},
+        {"memory", memory_json(mem)},
+        {"sites", nlohmann::json::array()}};
+    for (const auto& s : list) j["sites"].push_back(site_json(s));
+    all->push_back(std::move(j));
+    return;
+  }
+  fmt::print("{}: pid {}, {}{}\n", file, c.pid, mode_of(c),
+             c.complete ? "" : " (cut short: the process died while writing; read up to its last record)");
+  if (c.truncated) fmt::print("  the capture reached its size limit: later allocations are missing\n");
+  if (c.dropped > 0)
+    fmt::print("  {} samples dropped (too many live samples at once: use a larger --rate)\n", c.dropped);
+  fmt::print("  heap at peak {} ({:.2f} s), at end {} ({:.2f} s), allocated in all {}\n", size(a.peak.bytes),
+             seconds(a.peak.time_ns), size(a.end.bytes), seconds(a.end.time_ns), size(a.total.bytes));
+  const char* what = snap.name == "total" ? "allocated in all" : o.leaks ? "leaked (live at the end)" : "live at";
+  fmt::print("  {}{}:\n", what, snap.name == "total" || o.leaks ? "" : " " + snap.name);
+  Table t({"OWN", "INCLUSIVE", "SAMPLES", "WHERE"}, {true, true, true, false});
+  for (const auto& s : list) t.add({size(s.own), size(s.inclusive), std::to_string(s.count), where(s)});
+  fmt::print("{}\n", t.render());
+  if (snap.name != "total") print_memory(mem, snap.bytes);
+}
+
+int run_report(ReportOptions o) {
   if (o.sort != "own" && o.sort != "inclusive") {
     error("profile report", "--sort is own or inclusive");
     return 2;
   }
-  if (o.format != "table" && o.format != "json") {
-    error("profile report", "--format is table or json");
+  if (o.format != "table" && o.format != "json" && o.format != "html") {
+    error("profile report", "--format is table, json or html");
     return 2;
+  }
+  if (o.leaks) {
+    if (o.at != "peak" && o.at != "end") {
+      error("profile report", "--leaks is --at end: give one of them");
+      return 2;
+    }
+    o.at = "end";
+  }
+  if (o.inverted && o.format != "html") {
+    error("profile report",
+          "--inverted is for --format html (the table's OWN column already groups by the allocating line)");
+    return 2;
+  }
+  if (!o.output.empty() && (o.format != "html" || o.files.size() != 1)) {
+    error("profile report", "--output names the HTML page of one capture (--format html)");
+    return 2;
+  }
+  {
+    double ignored = 0;
+    if (o.at != "peak" && o.at != "end" && o.at != "total" && !parse_duration(o.at, &ignored)) {
+      error("profile report", fmt::format("--at wants peak, end, total or a time such as 2.5s, not {}", o.at));
+      return 2;
+    }
   }
   int rc = 0;
   nlohmann::json all = nlohmann::json::array();
   for (const auto& file : o.files) {
-    profile::Capture c;
     try {
-      c = profile::read_capture(file);
+      report_one(o, file, &all);
     } catch (const std::exception& e) {
-      error("profile report", e.what());
+      // One line per capture that cannot be read, naming it.
+      const std::string why = e.what();
+      error("profile report", why.rfind(file, 0) == 0 ? why : fmt::format("{}: {}", file, why));
       rc = 2;
-      continue;
     }
-    const profile::Analysis a = profile::analyze(c);
-    profile::Snapshot snap;
-    if (!pick(c, a, o.at, &snap)) {
-      error("profile report", fmt::format("--at wants peak, end, total or a time such as 2.5s, not {}", o.at));
-      return 2;
-    }
-    auto list = profile::sites(c, snap);
-    if (o.sort == "inclusive")
-      std::stable_sort(list.begin(), list.end(),
-                       [](const profile::Site& x, const profile::Site& y) { return x.inclusive > y.inclusive; });
-    if (list.size() > o.top) list.resize(o.top);
-    if (o.format == "json") {
-      nlohmann::json j = {
-          {"capture", file},
-          {"pid", c.pid},
-          {"ppid", c.ppid},
-          {"mode", c.all ? "all" : "sampled"},
-          {"rate", c.rate},
-          {"python", fmt::format("{}.{}", c.python >> 24, (c.python >> 16) & 255)},
-          {"complete", c.complete},
-          {"truncated", c.truncated},
-          {"dropped_samples", c.dropped},
-          {"peak", {{"bytes", std::llround(a.peak.bytes)}, {"time_s", seconds(a.peak.time_ns)}}},
-          {"end", {{"bytes", std::llround(a.end.bytes)}, {"time_s", seconds(a.end.time_ns)}}},
-          {"total_bytes", std::llround(a.total.bytes)},
-          {"view", {{"at", snap.name}, {"bytes", std::llround(snap.bytes)}, {"time_s", seconds(snap.time_ns)}}},
-          {"sites", nlohmann::json::array()}};
-      for (const auto& s : list) j["sites"].push_back(site_json(s));
-      all.push_back(std::move(j));
-      continue;
-    }
-    fmt::print("{}: pid {}, {}{}\n", file, c.pid, mode_of(c),
-               c.complete ? "" : " (cut short: the process died while writing; read up to its last record)");
-    if (c.truncated) fmt::print("  the capture reached its size limit: later allocations are missing\n");
-    if (c.dropped > 0)
-      fmt::print("  {} samples dropped (too many live samples at once: use a larger --rate)\n", c.dropped);
-    fmt::print("  heap at peak {} ({:.2f} s), at end {} ({:.2f} s), allocated in all {}\n", size(a.peak.bytes),
-               seconds(a.peak.time_ns), size(a.end.bytes), seconds(a.end.time_ns), size(a.total.bytes));
-    fmt::print("  {} at {}:\n", snap.name == "total" ? "allocated in all" : "live", snap.name);
-    Table t({"OWN", "INCLUSIVE", "SAMPLES", "WHERE"}, {true, true, true, false});
-    for (const auto& s : list) t.add({size(s.own), size(s.inclusive), std::to_string(s.count), where(s)});
-    fmt::print("{}\n", t.render());
   }
-  if (o.format == "json") fmt::print("{}\n", all.size() == 1 ? all[0].dump(2) : all.dump(2));
+  if (o.format == "json" && !all.empty()) {
+    const auto& out = all.size() == 1 ? all[0] : all;
+    fmt::print("{}\n", out.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
+  }
   return rc;
 }
 
@@ -390,7 +494,12 @@ void register_profile(CLI::App& app, int& rc) {
   auto* rep =
       sub->add_subcommand("report", "Show what a capture holds: top call sites at the peak, the end, or in all");
   rep->add_option("capture", r->files, "Capture files (.ebbprof)")->required();
-  rep->add_option("--format", r->format, "table or json (default: table)");
+  rep->add_option("--format", r->format,
+                  "table, json, or html (a self-contained page: flamegraph, timeline, search; default: table)");
+  rep->add_option("-o,--output", r->output, "With --format html: the page's file (default: CAPTURE.html)");
+  rep->add_flag("--leaks", r->leaks, "What was still live at the end (--at end)");
+  rep->add_flag("--inverted", r->inverted,
+                "With --format html: the flamegraph opens with allocating lines at the root");
   rep->add_option("--at", r->at,
                   "peak, end (what was still live), total (everything allocated), or a time such as 2.5s");
   rep->add_option("--top", r->top, "Call sites to show (default: 20)");

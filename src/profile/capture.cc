@@ -111,7 +111,10 @@ Capture read_capture(const std::string& path) {
     if (head.type == capture::kCode && head.bytes >= sizeof(capture::CodeRecord)) {
       const auto r = get<capture::CodeRecord>(d, off);
       const size_t text = off + sizeof r;
-      if (sizeof r + uint64_t{r.filename_bytes} + r.qualname_bytes + r.linetable_bytes > head.bytes) {
+      // Ids count up from 1, one per record: one beyond what the file can
+      // hold is damage, not a code object.
+      if (r.id == 0 || r.id > d.size() / sizeof r ||
+          sizeof r + uint64_t{r.filename_bytes} + r.qualname_bytes + r.linetable_bytes > head.bytes) {
         c.complete = false;
         break;
       }
@@ -121,7 +124,7 @@ Capture read_capture(const std::string& path) {
       code.first_line = r.first_line;
       const char* lt = d.data() + text + r.filename_bytes + r.qualname_bytes;
       code.linetable.assign(lt, lt + r.linetable_bytes);
-      if (c.codes.size() <= r.id) c.codes.resize(r.id + 1);
+      if (c.codes.size() <= r.id) c.codes.resize(size_t{r.id} + 1);
       c.codes[r.id] = std::move(code);
     } else if (head.type == capture::kAlloc && head.bytes >= sizeof(capture::AllocRecord)) {
       const auto r = get<capture::AllocRecord>(d, off);
@@ -144,6 +147,10 @@ Capture read_capture(const std::string& path) {
     } else if (head.type == capture::kFree && head.bytes >= sizeof(capture::FreeRecord)) {
       const auto r = get<capture::FreeRecord>(d, off);
       c.events.push_back({EventKind::kFree, 0, r.addr, 0, r.time_ns, 0});
+    } else if (head.type == capture::kStats && head.bytes >= sizeof(capture::StatsRecord)) {
+      const auto r = get<capture::StatsRecord>(d, off);
+      c.stats.push_back({r.time_ns, r.rss_bytes, r.file_bytes, r.live_bytes, r.heap_resident_bytes,
+                         r.thread_cached_bytes, r.large_cached_bytes, r.mapped_bytes, r.profiler_bytes});
     } else if (head.type == capture::kEnd && head.bytes >= sizeof(capture::EndRecord)) {
       const auto r = get<capture::EndRecord>(d, off);
       c.events.push_back({EventKind::kEnd, 0, 0, 0, r.time_ns, 0});

@@ -33,6 +33,12 @@ struct Event {
   uint32_t stack = 0;  // kAlloc: index into Capture::stacks
 };
 
+struct MemoryStats {  // a StatsRecord (capture_format.h)
+  uint64_t time_ns = 0;
+  uint64_t rss = 0, file = 0, live = 0, heap_resident = 0, thread_cached = 0, large_cached = 0, mapped = 0,
+           profiler = 0;
+};
+
 struct Capture {
   std::string path;
   int pid = 0;
@@ -47,6 +53,7 @@ struct Capture {
   std::vector<Code> codes;                    // by CodeRecord id (index 0 unused)
   std::vector<std::vector<Location>> stacks;  // distinct stacks, innermost first
   std::vector<Event> events;                  // in file order
+  std::vector<MemoryStats> stats;             // in time order; empty when libebb's background thread was off
 };
 
 // Reads `path`; throws std::runtime_error with a one-line reason if it is not a capture.

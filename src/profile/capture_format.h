@@ -52,6 +52,7 @@ enum RecordType : uint16_t {
   kAlloc = 2,  // AllocRecord + `count` Frames
   kFree = 3,   // FreeRecord
   kEnd = 4,    // EndRecord: the interpreter began to finalize (what is live is "at the end")
+  kStats = 5,  // StatsRecord: the process's memory, about once a second (readers skip types they do not know)
 };
 
 struct RecordHead {
@@ -98,8 +99,25 @@ struct EndRecord {
   uint64_t time_ns;
 };
 
+// What the process's memory was made of at a moment, from libebb's own
+// counters and /proc/self/statm: what lets the report explain RSS.
+struct StatsRecord {
+  RecordHead head;
+  uint32_t pad;
+  uint64_t time_ns;
+  uint64_t rss_bytes;            // resident, all of it
+  uint64_t file_bytes;           // resident and backed by a file or shared memory (code, libraries, mappings)
+  uint64_t live_bytes;           // asked for by the program and not freed (exact)
+  uint64_t heap_resident_bytes;  // libebb's pages that may be resident: live, free in spans, caches
+  uint64_t thread_cached_bytes;  // free objects held in thread caches
+  uint64_t large_cached_bytes;   // freed large blocks kept for reuse
+  uint64_t mapped_bytes;         // address space libebb holds
+  uint64_t profiler_bytes;       // the profiler's own tables (anonymous, at most this much resident)
+};
+
 static_assert(sizeof(Header) == 64, "the header's layout is part of the format");
-static_assert(sizeof(AllocRecord) % 8 == 0 && sizeof(CodeRecord) % 8 == 0 && sizeof(FreeRecord) % 8 == 0,
+static_assert(sizeof(AllocRecord) % 8 == 0 && sizeof(CodeRecord) % 8 == 0 && sizeof(FreeRecord) % 8 == 0 &&
+                  sizeof(StatsRecord) % 8 == 0,
               "records stay 8-byte aligned");
 
 }  // namespace ebb::capture

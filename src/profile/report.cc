@@ -113,6 +113,31 @@ Snapshot snapshot_at(const Capture& c, uint64_t time_ns) {
   return r.snapshot("at", time_ns);
 }
 
+MemoryView memory_at(const Capture& c, uint64_t time_ns) {
+  MemoryView v;
+  if (c.stats.empty()) return v;
+  const MemoryStats* m = &c.stats.front();
+  for (const auto& s : c.stats)
+    if (s.time_ns <= time_ns) m = &s;
+  v.known = true;
+  v.time_ns = m->time_ns;
+  v.rss = m->rss;
+  v.file = std::min(m->file, m->rss);
+  v.anon = v.rss - v.file;
+  v.live = m->live;
+  v.heap_resident = m->heap_resident;
+  v.thread_cached = m->thread_cached;
+  v.large_cached = m->large_cached;
+  const uint64_t accounted = v.live + v.thread_cached + v.large_cached;
+  v.free_in_spans = v.heap_resident > accounted ? v.heap_resident - accounted : 0;
+  if (v.heap_resident <= v.anon)
+    v.other_anon = v.anon - v.heap_resident;
+  else
+    v.untouched = v.heap_resident - v.anon;
+  v.profiler = m->profiler;
+  return v;
+}
+
 std::vector<Site> sites(const Capture& c, const Snapshot& s) {
   using Key = std::tuple<std::string, std::string, int>;
   std::map<Key, Site> by_key;

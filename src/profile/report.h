@@ -48,6 +48,25 @@ struct Site {
   uint64_t count = 0;    // samples (allocations, with --all) in `own`
 };
 
+// What the process's RSS was made of at a moment: the capture's memory
+// statistics taken last before it (the first ones, for a moment before any).
+struct MemoryView {
+  bool known = false;  // the capture has statistics (libebb's background thread wrote them)
+  uint64_t time_ns = 0;
+  uint64_t rss = 0;
+  uint64_t file = 0;           // backed by files or shared memory: code, libraries, mapped files
+  uint64_t anon = 0;           // rss - file
+  uint64_t live = 0;           // the program's live heap, exact
+  uint64_t heap_resident = 0;  // libebb's pages that may be resident
+  uint64_t thread_cached = 0;  // free, in thread caches
+  uint64_t large_cached = 0;   // free large blocks kept for reuse
+  uint64_t free_in_spans = 0;  // free, in partly used spans (fragmentation) and not yet purged
+  uint64_t other_anon = 0;     // anonymous and outside the heap: stacks, mmaps outside malloc, the profiler
+  uint64_t untouched = 0;      // heap pages handed out but not resident (never written, e.g. calloc)
+  uint64_t profiler = 0;       // the profiler's own tables (part of other_anon when resident)
+};
+MemoryView memory_at(const Capture& c, uint64_t time_ns);
+
 // Call sites of a snapshot, most own bytes first.
 std::vector<Site> sites(const Capture& c, const Snapshot& s);
 

@@ -496,3 +496,58 @@ def test_python_can_start_and_stop_a_capture(ebb_bin, preload_env, tmp_path):
     total = report(ebb_bin, capture, "total")
     assert 70 * 100_033 < at_line(total, "INSIDE", API) < 70 * 100_033 + 4096
     assert total["total_bytes"] < 80 * 100_033  # nothing from before the start or after the stop
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def chromium(*args, timeout=90):
+    """Debian's chromium, headless (as root it needs --no-sandbox)."""
+    return subprocess.run([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--window-size=1400,1000", "--virtual-time-budget=5000", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_html_report_renders_in_chromium(ebb_bin, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is missing: scripts/install-deps installs it")
+    r, captures = profile(ebb_bin, tmp_path, ATTRIB, "--all")
+    assert r.returncode == 0, r.stderr
+    page = tmp_path / "report.html"
+    r = subprocess.run([ebb_bin, "profile", "report", str(captures[0]), "--format", "html", "--leaks",
+                        "-o", str(page)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and f"wrote {page}" in r.stderr, r.stderr
+    text = page.read_text()
+    assert "http://" not in text.replace("http://www.w3.org/2000/svg", "") and "https://" not in text, \
+        "the page must not reach the network"
+    dom = chromium("--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr
+    html = dom.stdout
+    assert 'data-ready="1"' in html, "the page's script did not run to its end"
+    # Opened at the end: build_cache keeps 60 MB, the largest own site and a flamegraph node of that size.
+    first_site = re.search(r'<tr data-frame="([^"]+)">', html)
+    assert first_site and first_site.group(1) == "build_cache", html[:2000]
+    nodes = re.findall(r'data-frame="build_cache" data-depth="(\d+)" data-bytes="(\d+)"', html)
+    assert nodes and int(nodes[0][1]) >= CACHE, nodes
+    shot = tmp_path / "shot.png"
+    s = chromium(f"--screenshot={shot}", page.as_uri())
+    assert s.returncode == 0 and shot.exists(), s.stderr
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_table_explains_heap_and_rss(ebb_bin, tmp_path):
+    script = ATTRIB + "\nimport time\ntime.sleep(1.3)  # the statistics are written about once a second\n"
+    r, captures = profile(ebb_bin, tmp_path, script, "--rate", "64K")
+    assert r.returncode == 0, r.stderr
+    t = subprocess.run([ebb_bin, "profile", "report", str(captures[0]), "--leaks"], capture_output=True, text=True)
+    assert t.returncode == 0, t.stderr
+    assert "leaked (live at the end)" in t.stdout and "RSS " in t.stdout and "live " in t.stdout, t.stdout
+    mem = report(ebb_bin, captures[0], "end")["memory"]
+    assert mem["rss_bytes"] == mem["file_backed_bytes"] + mem["anonymous_bytes"]
+    # libebb's exact count of the live heap holds what the script keeps (66 MB).
+    assert mem["live_bytes"] >= CACHE + PARSE
+    assert mem["heap_resident_bytes"] >= mem["live_bytes"]
+    for bad in (["--inverted"], ["--leaks", "--at", "total"], ["-o", str(tmp_path / "x.html")], ["--format", "pdf"]):
+        r = subprocess.run([ebb_bin, "profile", "report", str(captures[0]), *bad], capture_output=True, text=True)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (bad, r.stderr)
