@@ -430,7 +430,7 @@ constexpr size_t kMaxProfilePrefix = 256;  // bytes, with its NUL
 // follow_fork: children forked afterwards write their own capture.
 int32_t profile_attach(const char* prefix, uint64_t rate, bool follow_fork, char* path, size_t cap);
 int32_t profile_detach(char* path, size_t cap);
-// The purger thread's call, each time it wakes: about once a second, the
+// The purger thread's call, each time it wakes: four times a second, the
 // process's memory statistics go into the capture.
 void profile_tick();
 // Allocation p of `size` bytes reached its thread's sample point (alloc.h).

@@ -52,7 +52,7 @@ enum RecordType : uint16_t {
   kAlloc = 2,  // AllocRecord + `count` Frames
   kFree = 3,   // FreeRecord
   kEnd = 4,    // EndRecord: the interpreter began to finalize (what is live is "at the end")
-  kStats = 5,  // StatsRecord: the process's memory, about once a second (readers skip types they do not know)
+  kStats = 5,  // StatsRecord: the process's memory, four times a second (readers skip types they do not know)
 };
 
 struct RecordHead {

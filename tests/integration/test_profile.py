@@ -537,7 +537,7 @@ def test_html_report_renders_in_chromium(ebb_bin, tmp_path):
 
 
 def test_table_explains_heap_and_rss(ebb_bin, tmp_path):
-    script = ATTRIB + "\nimport time\ntime.sleep(1.3)  # the statistics are written about once a second\n"
+    script = ATTRIB + "\nimport time\ntime.sleep(0.6)  # the statistics are written four times a second\n"
     r, captures = profile(ebb_bin, tmp_path, script, "--rate", "64K")
     assert r.returncode == 0, r.stderr
     t = subprocess.run([ebb_bin, "profile", "report", str(captures[0]), "--leaks"], capture_output=True, text=True)
