@@ -7,12 +7,13 @@ per round, so machine noise spreads evenly):
   ebb                 libebb, PYTHONMALLOC=malloc: the baseline of the next three
   ebb+profile         ebb profile at the default rate (one byte in 512 KiB)
   ebb+profile-all     ebb profile --all: every allocation and free, with Python stacks
+  ebb+profile-native  ebb profile --native at the default rate: native stacks too
   ebb+tracemalloc     libebb with python3 -X tracemalloc=25 (CPython's own, 25 frames)
   glibc               glibc malloc, PYTHONMALLOC=malloc: heaptrack's baseline
   heaptrack           Debian's heaptrack (native stacks) on glibc
 
 The ratio column is the variant's median wall time over its baseline's
-median in the same run (ebb for the first four, glibc for heaptrack). Also
+median in the same run (ebb for the first five, glibc for heaptrack). Also
 per variant: median peak RSS of the process (wait4's ru_maxrss) and the size
 of what it wrote (captures; heaptrack's compressed data file). Each script
 prints a checksum; one that differs between variants is a failure.
@@ -34,9 +35,9 @@ import allocators  # noqa: E402
 
 SPEED_DIR = Path(__file__).resolve().parent / "speed"
 SCRIPTS = sorted(p.stem for p in SPEED_DIR.glob("*.py") if not p.stem.startswith("_"))
-VARIANTS = ["ebb", "ebb+profile", "ebb+profile-all", "ebb+tracemalloc", "glibc", "heaptrack"]
-BASELINE = {"ebb": "ebb", "ebb+profile": "ebb", "ebb+profile-all": "ebb", "ebb+tracemalloc": "ebb",
-            "glibc": "glibc", "heaptrack": "glibc"}
+VARIANTS = ["ebb", "ebb+profile", "ebb+profile-all", "ebb+profile-native", "ebb+tracemalloc", "glibc", "heaptrack"]
+BASELINE = {"ebb": "ebb", "ebb+profile": "ebb", "ebb+profile-all": "ebb", "ebb+profile-native": "ebb",
+            "ebb+tracemalloc": "ebb", "glibc": "glibc", "heaptrack": "glibc"}
 
 
 def command(variant, script, out_dir, lib):
@@ -50,6 +51,8 @@ def command(variant, script, out_dir, lib):
         env.update(EBB_PROFILE=str(out_dir / "cap"), EBB_PROFILE_RATE="524288")
     elif variant == "ebb+profile-all":
         env.update(EBB_PROFILE=str(out_dir / "cap"), EBB_PROFILE_RATE="1")
+    elif variant == "ebb+profile-native":
+        env.update(EBB_PROFILE=str(out_dir / "cap"), EBB_PROFILE_RATE="524288", EBB_PROFILE_NATIVE="1")
     elif variant == "ebb+tracemalloc":
         argv = [allocators.PYTHON, "-X", "tracemalloc=25", *argv[1:]]
     elif variant == "heaptrack":

@@ -69,6 +69,8 @@ int ebb_class_stats(unsigned cls, ebb_class_stats_t* out, size_t size) EBB_NOEXC
  * errno: EBUSY when a capture is being written already, ECANCELED when the
  * interpreter is exiting, or why the file could not be made. */
 int ebb_profile_start(const char* prefix, uint64_t rate) EBB_NOEXCEPT;
+/* Or'ed into ebb_profile_start's rate: native (C/C++) stacks too. */
+#define EBB_PROFILE_NATIVE (UINT64_C(1) << 63)
 /* Stops profiling: the capture ends with what is live now. Returns 0, or
  * ENOENT when no capture is being written. */
 int ebb_profile_stop(void) EBB_NOEXCEPT;

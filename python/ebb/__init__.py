@@ -92,16 +92,17 @@ def trim():
     return None
 
 
-def profile_start(prefix, rate=524288):
+def profile_start(prefix, rate=524288, native=False):
     """Starts libebb's allocation profiler: the capture PREFIX.<pid>.ebbprof.
 
     One byte in `rate` bytes allocated is sampled on average (1: every
-    allocation); processes forked afterwards write their own capture. Read
+    allocation), with its native stack too if `native`; processes forked
+    afterwards write their own capture. Read
     it with `ebb profile report`. Returns the capture's path. Raises
     NotLoaded without libebb, OSError when the capture cannot be made or one
     is being written already (EBUSY)."""
     prefix = os.path.abspath(os.fspath(prefix))
-    err = _need().ebb_profile_start(prefix.encode(), int(rate))
+    err = _need().ebb_profile_start(prefix.encode(), int(rate) | (1 << 63 if native else 0))
     if err != 0:
         raise OSError(err, f"ebb.profile_start: {os.strerror(err)}", prefix)
     return f"{prefix}.{os.getpid()}.ebbprof"

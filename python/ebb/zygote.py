@@ -266,7 +266,10 @@ def _become_worker(opts, conn, request):
     if prefix:  # ebb run --profile: this worker's own capture, from here on
         lib = ctypes.CDLL(None)
         lib.ebb_profile_start.argtypes = [ctypes.c_char_p, ctypes.c_uint64]
-        err = lib.ebb_profile_start(prefix.encode(), int(request["env"].get("EBB_PROFILE_RATE", "524288")))
+        rate = int(request["env"].get("EBB_PROFILE_RATE", "524288"))
+        if request["env"].get("EBB_PROFILE_NATIVE") == "1":
+            rate |= 1 << 63  # EBB_PROFILE_NATIVE in ebb.h: native stacks too
+        err = lib.ebb_profile_start(prefix.encode(), rate)
         if err != 0:
             print(f"ebb worker {worker_id}: profile off: {os.strerror(err)}", file=sys.stderr, flush=True)
     _name_process(f"ebb worker {worker_id}: {_command_text(opts)}", f"ebb worker {worker_id}")

@@ -175,6 +175,7 @@ struct Options {
   char telemetry_dir[200] = {};    // EBB_TELEMETRY_DIR ("" if unset; too long: telemetry stays off)
   char profile_prefix[200] = {};   // EBB_PROFILE: capture files <prefix>.<pid>.ebbprof ("": profiling off)
   uint32_t profile_rate = 524288;  // EBB_PROFILE_RATE: mean bytes between samples (0 or 1: every allocation)
+  bool profile_native = false;     // EBB_PROFILE_NATIVE=1: native stacks too
 };
 extern Options g_options;
 void options_load();

@@ -68,6 +68,7 @@ void options_load() {
   if (env_u32("EBB_BUSY_WINDOW_MS", &v)) g_options.busy_window_ms = v;
   if (env_u32("EBB_VERBOSE", &v)) g_options.verbose = v != 0;
   if (env_u32("EBB_PROFILE_RATE", &v)) g_options.profile_rate = v;
+  if (env_u32("EBB_PROFILE_NATIVE", &v)) g_options.profile_native = v != 0;
   const char* prof = getenv("EBB_PROFILE");
   g_options.profile_prefix[0] = 0;
   if (prof != nullptr && strlen(prof) < sizeof g_options.profile_prefix)

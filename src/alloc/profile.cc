@@ -15,9 +15,18 @@
 // sampled addresses tells them apart. Everything here runs inside malloc or
 // free: no allocation, no Python call but two that only read memory
 // (PyGILState_GetThisThreadState, _Py_IsFinalizing), and one lock taken last.
+//
+// Native stacks (--native) come from glibc's backtrace(), that is libgcc's
+// unwinder reading .eh_frame: it allocates only the first time (it loads
+// libgcc_s), which happens here outside malloc before profiling starts, and
+// it runs before g_lock is taken (it takes the loader's lock, and the
+// module scan takes g_lock under it: one order).
 #include <dlfcn.h>
+#include <elf.h>
 #include <errno.h>
+#include <execinfo.h>
 #include <fcntl.h>
+#include <link.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -49,6 +58,7 @@ constexpr size_t kCframeCurrent = 8;         // _PyCFrame::current_frame
 constexpr size_t kFrameCode = 32;            // _PyInterpreterFrame::f_code
 constexpr size_t kFramePrevious = 48;        // ::previous
 constexpr size_t kFramePrevInstr = 56;       // ::prev_instr
+constexpr size_t kFrameIsEntry = 68;         // ::is_entry
 constexpr size_t kFrameOwner = 69;           // ::owner
 constexpr char kOwnedByGenerator = 1;        // FRAME_OWNED_BY_GENERATOR
 constexpr size_t kObType = 8;                // PyObject::ob_type
@@ -128,6 +138,7 @@ uint64_t g_file_bytes = 0;
 uint64_t g_used = 0;
 capture::Header* g_header = nullptr;
 bool g_all = false;
+bool g_native = false;  // native stacks too
 bool g_ended = false;
 uint64_t g_rate = 0;
 char g_prefix[kMaxProfilePrefix];  // captures are <prefix>.<pid>.ebbprof
@@ -257,13 +268,151 @@ uint32_t python_frames(Frame* out) {
     // _PyFrame_IsIncomplete): CPython leaves it out of tracebacks too.
     const bool incomplete =
         load<char>(f, py311::kFrameOwner) != py311::kOwnedByGenerator && instr < units + ptrdiff_t{2} * first_traceable;
-    if (!incomplete) {
-      const uint32_t id = code_id(code);
-      if (id != 0) out[n++] = {id, instr > units ? static_cast<uint32_t>((instr - units) / 2) : 0};
+    const uint32_t entry = load<bool>(f, py311::kFrameIsEntry) ? capture::kFrameEntry : 0;
+    const uint32_t id = incomplete ? 0 : code_id(code);
+    if (id != 0) {
+      out[n++] = {id, (instr > units ? static_cast<uint32_t>((instr - units) / 2) : 0) | entry};
+    } else if (entry != 0) {
+      out[n++] = {0, entry};  // its C call still needs its place in a native stack
     }
     f = load_ptr(f, py311::kFramePrevious);
   }
   return n;
+}
+
+// Maps `n` entries of fresh anonymous memory (zero), or nullptr.
+template <typename T>
+T* map_table(size_t n) {
+  return static_cast<T*>(os::map_aligned((n * sizeof(T) + kPageSize - 1) & ~(kPageSize - 1), kPageSize));
+}
+
+// ---- loaded objects, for native stacks ---------------------------------------
+// The purger looks at the loader's list four times a second (dlpi_adds and
+// dlpi_subs say when it changed) and writes a Module record for each object
+// the capture has not named yet: a return address is named by the reader
+// from the object holding it. Staged first, with the loader's lock held and
+// g_lock not, then written under g_lock.
+constexpr size_t kMaxModules = 2048;
+constexpr size_t kMaxModulePath = 480;
+struct Module {
+  uint64_t base, start, end;
+  uint32_t flags;
+  uint32_t build_id_bytes;
+  uint8_t build_id[24];
+  uint32_t path_bytes;
+  char path[kMaxModulePath];
+};
+struct ModuleScan {
+  Module staged[kMaxModules];
+  size_t count;
+  unsigned long long adds, subs;  // the loader's counters at the last full scan
+};
+ModuleScan* g_scan = nullptr;  // mapped at the first scan, kept: the purger's alone
+Lock g_scan_lock;              // one scan at a time (purger, detach, exit)
+struct ModuleSeen {
+  uint64_t base, start;
+};
+ModuleSeen* g_seen = nullptr;  // kMaxModules, under g_lock: what this capture has named
+size_t g_seen_count = 0;
+
+// The object's NT_GNU_BUILD_ID, read from its loaded notes.
+uint32_t build_id(const dl_phdr_info* info, uint8_t* out, size_t cap) {
+  for (int i = 0; i < info->dlpi_phnum; i++) {
+    const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+    if (ph.p_type != PT_NOTE) continue;
+    const auto* p = reinterpret_cast<const uint8_t*>(info->dlpi_addr + ph.p_vaddr);
+    const uint8_t* end = p + ph.p_memsz;
+    while (p + sizeof(ElfW(Nhdr)) <= end) {
+      ElfW(Nhdr) nh;
+      memcpy(&nh, p, sizeof nh);
+      const uint8_t* desc = p + sizeof nh + ((nh.n_namesz + 3) & ~3u);
+      if (desc + nh.n_descsz > end) break;
+      if (nh.n_type == NT_GNU_BUILD_ID && nh.n_namesz == 4 && memcmp(p + sizeof nh, "GNU", 4) == 0) {
+        const size_t n = nh.n_descsz < cap ? nh.n_descsz : cap;
+        memcpy(out, desc, n);
+        return static_cast<uint32_t>(n);
+      }
+      p = desc + ((nh.n_descsz + 3) & ~3u);
+    }
+  }
+  return 0;
+}
+
+int stage_module(dl_phdr_info* info, size_t size, void* force) {
+  ModuleScan& sc = *g_scan;
+  if (sc.count == 0 && force == nullptr && size >= offsetof(dl_phdr_info, dlpi_subs) + sizeof info->dlpi_subs &&
+      info->dlpi_adds == sc.adds && info->dlpi_subs == sc.subs)
+    return 1;  // nothing loaded or unloaded since the last scan
+  if (sc.count == 0) sc.adds = info->dlpi_adds, sc.subs = info->dlpi_subs;
+  if (sc.count == kMaxModules) return 1;
+  Module& m = sc.staged[sc.count];
+  uint64_t lo = UINT64_MAX, hi = 0;
+  for (int i = 0; i < info->dlpi_phnum; i++) {
+    const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+    if (ph.p_type != PT_LOAD) continue;
+    if (ph.p_vaddr < lo) lo = ph.p_vaddr;
+    if (ph.p_vaddr + ph.p_memsz > hi) hi = ph.p_vaddr + ph.p_memsz;
+  }
+  if (hi == 0) return 0;
+  m.base = info->dlpi_addr;
+  m.start = info->dlpi_addr + lo;
+  m.end = info->dlpi_addr + hi;
+  const auto self = reinterpret_cast<uint64_t>(&stage_module);
+  m.flags = self >= m.start && self < m.end ? uint32_t{capture::kModuleSelf} : 0u;
+  m.build_id_bytes = build_id(info, m.build_id, sizeof m.build_id);
+  const char* name = info->dlpi_name != nullptr ? info->dlpi_name : "";
+  if (*name == 0 && sc.count == 0) {  // the program itself
+    const ssize_t n = readlink("/proc/self/exe", m.path, sizeof m.path);
+    m.path_bytes = n > 0 ? static_cast<uint32_t>(n) : 0;
+  } else {
+    const size_t n = strlen(name);
+    m.path_bytes = static_cast<uint32_t>(n < sizeof m.path ? n : sizeof m.path);
+    memcpy(m.path, name, m.path_bytes);
+  }
+  sc.count++;
+  return 0;
+}
+
+void write_module(const Module& m) {
+  const size_t bytes = round8(sizeof(capture::ModuleRecord) + m.path_bytes);
+  uint8_t* at = reserve(bytes);
+  if (at == nullptr) return;
+  auto* r = reinterpret_cast<capture::ModuleRecord*>(at);
+  r->flags = m.flags;
+  r->path_bytes = m.path_bytes;
+  r->base = m.base;
+  r->start = m.start;
+  r->end = m.end;
+  r->build_id_bytes = m.build_id_bytes;
+  memcpy(r->build_id, m.build_id, m.build_id_bytes);
+  memcpy(r + 1, m.path, m.path_bytes);
+  publish(at, bytes, capture::kModule, 0);
+}
+
+// Names, in the capture, the objects loaded now that it has not named yet.
+// Never inside malloc (dl_iterate_phdr takes the loader's lock).
+void scan_modules() {
+  if (!g_native) return;
+  LockGuard scan(g_scan_lock);
+  if (g_scan == nullptr) g_scan = map_table<ModuleScan>(1);
+  if (g_scan == nullptr) return;
+  bool force;
+  {
+    LockGuard guard(g_lock);
+    force = g_seen != nullptr && g_seen_count == 0;
+  }
+  g_scan->count = 0;
+  dl_iterate_phdr(stage_module, force ? g_scan : nullptr);
+  LockGuard guard(g_lock);
+  if (g_map == nullptr || g_seen == nullptr) return;
+  for (size_t i = 0; i < g_scan->count; i++) {
+    const Module& m = g_scan->staged[i];
+    bool seen = false;
+    for (size_t j = 0; j < g_seen_count && !seen; j++) seen = g_seen[j].base == m.base && g_seen[j].start == m.start;
+    if (seen || g_seen_count == kMaxModules) continue;
+    write_module(m);
+    g_seen[g_seen_count++] = {m.base, m.start};
+  }
 }
 
 // ---- sampled addresses still live -------------------------------------------
@@ -355,12 +504,6 @@ void write_free(uintptr_t a) {
   publish(at, sizeof(capture::FreeRecord), capture::kFree, 0);
 }
 
-// Maps `bytes` of fresh anonymous memory (zero), or nullptr.
-template <typename T>
-T* map_table(size_t n) {
-  return static_cast<T*>(os::map_aligned((n * sizeof(T) + kPageSize - 1) & ~(kPageSize - 1), kPageSize));
-}
-
 // Creates and maps the capture g_prefix.<pid>.ebbprof: 0 or an errno.
 int open_capture() {
   char num[24];
@@ -410,7 +553,7 @@ int open_capture() {
   g_header->pid = getpid();
   g_header->ppid = getppid();
   g_header->rate = g_all ? 1 : g_rate;
-  g_header->flags = g_all ? uint32_t{capture::kFlagAll} : 0u;
+  g_header->flags = (g_all ? uint32_t{capture::kFlagAll} : 0u) | (g_native ? uint32_t{capture::kFlagNative} : 0u);
   g_header->python = g_py.version;
   struct timespec rt;
   clock_gettime(CLOCK_REALTIME, &rt);
@@ -420,19 +563,26 @@ int open_capture() {
   return 0;
 }
 
+template <typename T>
+void unmap_table(T*& t, size_t n) {
+  if (t != nullptr) os::unmap(t, (n * sizeof(T) + kPageSize - 1) & ~(kPageSize - 1));
+  t = nullptr;
+}
+
 bool make_tables() {
   g_codes = map_table<CodeSlot>(kCodeSlots);
   g_live = g_all ? nullptr : map_table<uintptr_t>(kLiveSlots);
+  g_seen = g_native ? map_table<ModuleSeen>(kMaxModules) : nullptr;
   g_live_count = 0;
+  g_seen_count = 0;
   g_next_code = 1;
-  return g_codes != nullptr && (g_all || g_live != nullptr);
+  return g_codes != nullptr && (g_all || g_live != nullptr) && (!g_native || g_seen != nullptr);
 }
 
 void drop_tables() {
-  if (g_codes != nullptr) os::unmap(g_codes, (kCodeSlots * sizeof(CodeSlot) + kPageSize - 1) & ~(kPageSize - 1));
-  if (g_live != nullptr) os::unmap(g_live, kLiveSlots * sizeof(uintptr_t));
-  g_codes = nullptr;
-  g_live = nullptr;
+  unmap_table(g_codes, kCodeSlots);
+  unmap_table(g_live, kLiveSlots);
+  unmap_table(g_seen, kMaxModules);
 }
 
 // The span of small object p, or nullptr for a large one.
@@ -490,9 +640,21 @@ void find_python() {
     g_py.this_thread_state = reinterpret_cast<void* (*)()>(dlsym(RTLD_DEFAULT, "PyGILState_GetThisThreadState"));
 }
 
-// Under g_lock: start a capture at `rate` (0 or 1: every allocation) into
-// g_prefix. 0 or an errno.
+// The unwinder's first call loads libgcc_s, which allocates: made here,
+// outside malloc and before profiling starts.
+void prime_unwinder(uint64_t rate) {
+  static bool done = false;
+  if ((rate & capture::kRateNative) == 0 || done) return;
+  done = true;
+  void* pcs[4];
+  backtrace(pcs, 4);
+}
+
+// Under g_lock: start a capture at `rate` (0 or 1: every allocation; with
+// kRateNative: native stacks too) into g_prefix. 0 or an errno.
 int32_t begin(uint64_t rate) {
+  g_native = (rate & capture::kRateNative) != 0;
+  rate &= ~capture::kRateNative;
   g_all = rate <= 1;
   g_rate = g_all ? 1 : rate;
   g_ended = false;
@@ -587,14 +749,17 @@ void copy_out(const char* from, char* to, size_t cap) {
 
 void profile_start() {
   find_python();
+  const uint64_t rate = g_options.profile_rate | (g_options.profile_native ? capture::kRateNative : 0);
+  prime_unwinder(rate);
   int32_t err;
   {
     LockGuard guard(g_lock);
     copy_out(g_options.profile_prefix, g_prefix, sizeof g_prefix);
     g_follow_fork = true;
-    err = begin(g_options.profile_rate);
+    err = begin(rate);
   }
   if (err == 0) {
+    scan_modules();
     rearm_threads();
   } else {
     os::write_err("ebb: profile off: cannot create a capture ");
@@ -607,6 +772,7 @@ void profile_start() {
 
 int32_t profile_attach(const char* prefix, uint64_t rate, bool follow_fork, char* path, size_t cap) {
   find_python();
+  prime_unwinder(rate);
   int32_t err;
   {
     LockGuard guard(g_lock);
@@ -620,11 +786,15 @@ int32_t profile_attach(const char* prefix, uint64_t rate, bool follow_fork, char
     err = begin(rate);
     copy_out(g_path, path, cap);
   }
-  if (err == 0) rearm_threads();
+  if (err == 0) {
+    scan_modules();
+    rearm_threads();
+  }
   return err;
 }
 
 int32_t profile_detach(char* path, size_t cap) {
+  scan_modules();
   const MemoryNow m = memory_now();
   LockGuard guard(g_lock);
   if (g_map == nullptr) return telemetry::kAckNotProfiling;
@@ -647,6 +817,7 @@ void profile_tick() {
   const uint64_t now = now_ns();
   if (now - g_last_stats_ns < kStatsEveryNs) return;
   g_last_stats_ns = now;
+  scan_modules();
   const MemoryNow m = memory_now();
   LockGuard guard(g_lock);
   if (g_map != nullptr && !g_ended) write_stats(m);
@@ -667,6 +838,8 @@ void profile_alloc(void* p, size_t size) {
   if (!g_all) tc.sample_at = tc.alloc_bytes + next_gap(tc);
   tc.in_profile = true;
   if (tc.tid == 0) tc.tid = static_cast<uint32_t>(syscall(SYS_gettid));
+  void* pcs[capture::kMaxFrames];
+  const uint32_t native = g_native ? static_cast<uint32_t>(backtrace(pcs, capture::kMaxFrames)) : 0;
   bool recorded = false;
   {
     LockGuard guard(g_lock);
@@ -680,11 +853,13 @@ void profile_alloc(void* p, size_t size) {
       recorded = true;
       Frame frames[capture::kMaxFrames];
       const uint32_t n = python_frames(frames);
-      const size_t bytes = sizeof(capture::AllocRecord) + n * sizeof(Frame);
+      const size_t bytes = sizeof(capture::AllocRecord) + n * sizeof(Frame) + native * sizeof(void*);
       uint8_t* at = reserve(bytes);
       if (at != nullptr) {
         auto* r = reinterpret_cast<capture::AllocRecord*>(at);
         r->tid = tc.tid;
+        r->native = native;
+        memcpy(reinterpret_cast<uint8_t*>(r + 1) + n * sizeof(Frame), pcs, native * sizeof(void*));
         r->addr = reinterpret_cast<uintptr_t>(p);
         r->size = size;
         r->time_ns = now_ns() - g_header->start_ns;
@@ -735,6 +910,7 @@ void profile_after_fork_parent() { g_lock.unlock(); }
 
 void profile_after_fork_child() {
   g_lock.reset_after_fork();
+  g_scan_lock.reset_after_fork();  // the parent's purger may have been scanning
   if (g_map == nullptr) return;
   // The parent's capture is the parent's: the child starts its own, with
   // its own code table (the new file must describe every code it names).
@@ -748,6 +924,7 @@ void profile_after_fork_child() {
   tc.tid = 0;
   tc.in_profile = false;
   g_profile_on = false;
+  if (g_scan != nullptr) g_scan->count = 0;  // the child's capture names every object again (make_tables)
   // Attached to the parent: the child is not profiled (nobody will detach it).
   if (g_ended || !g_follow_fork || !make_tables() || open_capture() != 0) {
     drop_tables();
@@ -763,6 +940,7 @@ namespace ebb {
 // At exit the capture loses its zero tail (it grew in kGrowBytes steps). A
 // thread still running may record more: reserve() grows the file again.
 __attribute__((destructor)) static void profile_close() {
+  scan_modules();  // objects loaded since the purger last looked (or without a purger)
   LockGuard guard(g_lock);
   if (g_map == nullptr || g_header->pid != getpid()) return;
   const uint64_t keep = g_used + sizeof(capture::RecordHead);

@@ -1,8 +1,8 @@
 // ebb profile: run a command with libebb's allocation profiler on, and read
 // what it captured (docs/profile.md).
 //
-//   ebb profile [-o PREFIX] [--rate SIZE | --all] -- COMMAND...
-//   ebb profile --pid PID [--duration TIME] [-o PREFIX] [--rate SIZE | --all]
+//   ebb profile [-o PREFIX] [--rate SIZE | --all] [--native] -- COMMAND...
+//   ebb profile --pid PID [--duration TIME] [-o PREFIX] [--rate SIZE | --all] [--native]
 //   ebb profile report CAPTURE... [--format table|json|html] [--at peak|end|total|TIME] [--leaks]
 //                      [--inverted] [--top N] [--sort own|inclusive] [-o PAGE.html]
 #include <dirent.h>
@@ -20,6 +20,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "capture_format.h"
 #include "commands.h"
 #include "exec.h"
 #include "format.h"
@@ -37,6 +38,7 @@ struct ProfileOptions {
   std::string prefix = "ebb-profile";
   std::string rate = "512K";
   bool all = false;
+  bool native = false;
   int pid = 0;
   std::string duration;
   std::vector<std::string> command;
@@ -144,7 +146,8 @@ int attach(const ProfileOptions& o, uint64_t rate) {
   }
   const std::string prefix = absolute_prefix(o.prefix);
   if (prefix.empty()) return 2;
-  telemetry::Ack ack = telemetry::send(pid, telemetry::kCmdProfileStart, o.all ? 1 : rate, 5000, prefix);
+  const uint64_t arg = (o.all ? 1 : rate) | (o.native ? capture::kRateNative : 0);
+  telemetry::Ack ack = telemetry::send(pid, telemetry::kCmdProfileStart, arg, 5000, prefix);
   if (ack.status != telemetry::Status::kOk) {
     error("profile", fmt::format("process {}: {}", pid, ack.message));
     return 1;
@@ -229,7 +232,8 @@ int run_profile(const ProfileOptions& o) {
   const std::string prefix = absolute_prefix(o.prefix);
   if (prefix.empty()) return 2;
   std::vector<std::string> env =
-      child_environment(*alloc, {"EBB_PROFILE=" + prefix, "EBB_PROFILE_RATE=" + std::to_string(o.all ? 1 : rate)});
+      child_environment(*alloc, {"EBB_PROFILE=" + prefix, "EBB_PROFILE_RATE=" + std::to_string(o.all ? 1 : rate),
+                                 std::string("EBB_PROFILE_NATIVE=") + (o.native ? "1" : "0")});
   std::vector<std::string> args = o.command;
   std::vector<char*> envp = proc::c_strings(env), argv = proc::c_strings(args);
   const time_t since = time(nullptr) - 1;
@@ -275,6 +279,7 @@ std::string size(uint64_t bytes) { return human_bytes(bytes); }
 
 std::string where(const profile::Site& s) {
   if (s.file.empty()) return s.function;
+  if (s.native) return fmt::format("{}  {}", s.function, s.file);
   return fmt::format("{}  {}:{}", s.function, s.file, s.line);
 }
 
@@ -284,7 +289,8 @@ nlohmann::json site_json(const profile::Site& s) {
           {"line", s.line},
           {"own_bytes", std::llround(s.own)},
           {"inclusive_bytes", std::llround(s.inclusive)},
-          {"count", s.count}};
+          {"count", s.count},
+          {"native", s.native}};
 }
 
 // The snapshot --at names: peak, end, total, or a time ("12.5s", "500ms").
@@ -482,6 +488,8 @@ void register_profile(CLI::App& app, int& rc) {
                   "Capture files PREFIX.<pid>.ebbprof, one per process (default: ebb-profile)");
   sub->add_option("--rate", o->rate, "Sample one byte in SIZE allocated, on average (default: 512K)");
   sub->add_flag("--all", o->all, "Record every allocation (exact, slower, bigger captures)");
+  sub->add_flag("--native", o->native,
+                "Record native (C/C++) stacks too, with the Python frames in their place (slower per sample)");
   sub->add_option("--pid", o->pid,
                   "Profile a running process (libebb with telemetry: under ebb run, or EBB_TELEMETRY=1) in place")
       ->check(CLI::PositiveNumber);

@@ -41,6 +41,7 @@ struct RunArgs {
   std::string preload_timeout = "120s";
   std::string profile;  // capture prefix; "" off
   std::string profile_rate = "512K";
+  bool profile_native = false;
   std::vector<std::string> command;
 };
 
@@ -162,6 +163,10 @@ int run_run(const RunArgs& a) {
       return 2;
     }
     o.profile_rate = rate;
+    o.profile_native = a.profile_native;
+  } else if (a.profile_native) {
+    error("run", "--profile-native goes with --profile");
+    return 2;
   }
   o.command = a.command;
   o.env = child_environment(*alloc, {"EBB_TELEMETRY=1"});
@@ -304,6 +309,7 @@ void register_run(CLI::App& app, int& rc) {
                       ->option_text("[PREFIX]");
   sub->add_option("--profile-rate", a->profile_rate, "With --profile: one byte in SIZE sampled, or all (default: 512K)")
       ->option_text("SIZE");
+  sub->add_flag("--profile-native", a->profile_native, "With --profile: native (C/C++) stacks too");
   sub->add_option("command", a->command, "The worker command, after --")->expected(-1);
   sub->callback([a, profile, &rc]() {
     if (profile->count() > 0 && a->profile.empty()) a->profile = "ebb-profile";

@@ -2,6 +2,7 @@
 // killed): reading stops at the first record that is not complete.
 #include "capture.h"
 
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -43,6 +44,79 @@ T get(const std::string& d, size_t off) {
   T v;
   std::memcpy(&v, d.data() + off, sizeof v);
   return v;
+}
+
+// Native frames while the file is read: their functions get code ids after
+// the Python code objects' once all of those are known.
+constexpr uint32_t kNativeBase = uint32_t{1} << 31;
+
+struct NativeFrames {
+  const std::vector<NativeModule>& modules;
+  Symbols symbols;
+  std::map<std::pair<size_t, std::string>, uint32_t> ids;  // (module, function) -> index in `functions`
+  std::map<uint64_t, uint32_t> by_pc;                      // return address -> kNativeBase + index
+  std::vector<Code> functions;
+
+  const NativeModule* module_of(uint64_t pc) const {
+    for (const auto& m : modules)
+      if (pc > m.start && pc <= m.end) return &m;  // pc - 1 is in the call
+    return nullptr;
+  }
+  uint32_t id(uint64_t pc) {
+    if (auto it = by_pc.find(pc); it != by_pc.end()) return it->second;
+    const NativeModule* m = module_of(pc);
+    std::string name = m != nullptr ? symbols.function(*m, pc) : "";
+    const std::string file = m != nullptr ? m->path : "";
+    if (name.empty()) {
+      char off[40];
+      std::snprintf(off, sizeof off, "+0x%llx", static_cast<unsigned long long>(m != nullptr ? pc - m->base : pc));
+      name = (m != nullptr ? file.substr(file.rfind('/') + 1) : std::string("?")) + off;
+    }
+    const size_t mi = m != nullptr ? static_cast<size_t>(m - modules.data()) : modules.size();
+    auto [it, fresh] = ids.try_emplace({mi, name}, static_cast<uint32_t>(functions.size()));
+    if (fresh) {
+      Code c;
+      c.qualname = name;
+      c.filename = file;
+      c.native = true;
+      functions.push_back(std::move(c));
+    }
+    return by_pc[pc] = kNativeBase + it->second;
+  }
+  bool is_self(uint64_t pc) const {
+    const NativeModule* m = module_of(pc);
+    return m != nullptr && m->self;
+  }
+};
+
+// One stack from a record's Python frames and return addresses: the native
+// frames, innermost first, with each of the interpreter's frames
+// (_PyEval_EvalFrameDefault) replaced by the Python frames it ran, which
+// end at one marked kFrameEntry. libebb's own frames (malloc, the profiler)
+// are left out.
+std::vector<Location> hybrid(const std::vector<Location>& python, const std::vector<bool>& entry,
+                             const std::vector<uint64_t>& pcs, NativeFrames& nf) {
+  std::vector<Location> out;
+  size_t i = 0, py = 0;
+  while (i < pcs.size() && nf.is_self(pcs[i])) i++;
+  auto python_group = [&] {
+    while (py < python.size()) {
+      const bool last = entry[py];
+      if (python[py].code != 0) out.push_back(python[py]);
+      py++;
+      if (last) break;
+    }
+  };
+  for (; i < pcs.size(); i++) {
+    const uint32_t id = nf.id(pcs[i]);
+    if (py < python.size() && nf.functions[id - kNativeBase].qualname == "_PyEval_EvalFrameDefault") {
+      python_group();
+    } else {
+      out.push_back({id, 0});
+    }
+  }
+  while (py < python.size()) python_group();  // an unwinder that stopped early: the rest is Python's
+  return out;
 }
 
 }  // namespace
@@ -94,11 +168,33 @@ Capture read_capture(const std::string& path) {
   c.ppid = h.ppid;
   c.rate = h.rate;
   c.all = (h.flags & capture::kFlagAll) != 0;
+  c.native = (h.flags & capture::kFlagNative) != 0;
   c.truncated = (h.flags & capture::kFlagTruncated) != 0;
   c.python = h.python;
   c.dropped = h.dropped;
   c.start_unix_ns = h.start_unix_ns;
   c.codes.resize(1);
+  // First the objects that native frames are in: a Module record may come
+  // after the samples that need it.
+  for (size_t off = h.header_bytes; c.native && off + sizeof(capture::RecordHead) <= d.size();) {
+    const auto head = get<capture::RecordHead>(d, off);
+    if (head.bytes == 0 || head.bytes % 8 != 0 || head.bytes > d.size() - off) break;
+    if (head.type == capture::kModule && head.bytes >= sizeof(capture::ModuleRecord)) {
+      const auto r = get<capture::ModuleRecord>(d, off);
+      if (sizeof r + uint64_t{r.path_bytes} <= head.bytes && r.build_id_bytes <= sizeof r.build_id) {
+        NativeModule m;
+        m.path = d.substr(off + sizeof r, r.path_bytes);
+        m.base = r.base;
+        m.start = r.start;
+        m.end = r.end;
+        m.self = (r.flags & capture::kModuleSelf) != 0;
+        m.build_id.assign(r.build_id, r.build_id + r.build_id_bytes);
+        c.modules.push_back(std::move(m));
+      }
+    }
+    off += head.bytes;
+  }
+  NativeFrames nf{c.modules, {}, {}, {}, {}};
   std::map<std::vector<uint32_t>, uint32_t> stack_ids;  // (code, line) pairs flattened
   size_t off = h.header_bytes;
   while (off + sizeof(capture::RecordHead) <= d.size()) {
@@ -128,18 +224,31 @@ Capture read_capture(const std::string& path) {
       c.codes[r.id] = std::move(code);
     } else if (head.type == capture::kAlloc && head.bytes >= sizeof(capture::AllocRecord)) {
       const auto r = get<capture::AllocRecord>(d, off);
-      if (sizeof r + size_t{head.count} * sizeof(capture::Frame) > head.bytes) {
+      const size_t frames_end = sizeof r + size_t{head.count} * sizeof(capture::Frame);
+      if (frames_end + uint64_t{r.native} * sizeof(uint64_t) > head.bytes) {
         c.complete = false;
         break;
       }
-      std::vector<uint32_t> key;
       std::vector<Location> stack;
+      std::vector<bool> entry;
       for (size_t i = 0; i < head.count; i++) {
         const auto f = get<capture::Frame>(d, off + sizeof r + i * sizeof(capture::Frame));
-        const int line = f.code < c.codes.size() ? c.codes[f.code].line_of(f.instr) : -1;
+        const uint32_t instr = f.instr & ~capture::kFrameEntry;
+        const int line = f.code != 0 && f.code < c.codes.size() ? c.codes[f.code].line_of(instr) : -1;
         stack.push_back({f.code, line});
-        key.push_back(f.code);
-        key.push_back(static_cast<uint32_t>(line));
+        entry.push_back((f.instr & capture::kFrameEntry) != 0);
+      }
+      if (r.native > 0) {
+        std::vector<uint64_t> pcs(r.native);
+        std::memcpy(pcs.data(), d.data() + off + frames_end, pcs.size() * sizeof(uint64_t));
+        stack = hybrid(stack, entry, pcs, nf);
+      } else {
+        std::erase_if(stack, [](const Location& l) { return l.code == 0; });  // entry markers
+      }
+      std::vector<uint32_t> key;
+      for (const Location& l : stack) {
+        key.push_back(l.code);
+        key.push_back(static_cast<uint32_t>(l.line));
       }
       auto [it, fresh] = stack_ids.try_emplace(std::move(key), static_cast<uint32_t>(c.stacks.size()));
       if (fresh) c.stacks.push_back(std::move(stack));
@@ -157,6 +266,12 @@ Capture read_capture(const std::string& path) {
     }
     off += head.bytes;
   }
+  // Native functions take the ids after the last code object's.
+  const auto first_native = static_cast<uint32_t>(c.codes.size());
+  for (auto& stack : c.stacks)
+    for (Location& l : stack)
+      if (l.code >= kNativeBase) l.code = l.code - kNativeBase + first_native;
+  for (auto& f : nf.functions) c.codes.push_back(std::move(f));
   return c;
 }
 

@@ -16,6 +16,11 @@
 // the first time a code object is seen, carries its names and its location
 // table (co_linetable), from which the reader computes line numbers: the
 // allocator never decodes anything while it holds a lock inside malloc.
+//
+// Native stacks (--native) are return addresses; Module records name the
+// objects loaded in the process (path, address range, build id), written
+// when profiling starts and whenever the loader's list changes, and the
+// reader finds function names in those files (src/profile/symbols.cc).
 #pragma once
 
 #include <cstdint>
@@ -31,7 +36,12 @@ constexpr uint32_t kMaxFrames = 128;                // deeper stacks keep their 
 enum Flags : uint32_t {
   kFlagAll = 1,        // every allocation recorded (--all), not sampled
   kFlagTruncated = 2,  // the capture reached its reserved size: later events are missing
+  kFlagNative = 4,     // allocations carry their native stacks
 };
+
+// Or'ed into the sampling rate (ebb_profile_start's and kCmdProfileStart's
+// argument; EBB_PROFILE_NATIVE=1 in the environment): native stacks too.
+constexpr uint64_t kRateNative = uint64_t{1} << 63;
 
 struct Header {
   uint64_t magic;
@@ -48,11 +58,12 @@ struct Header {
 };
 
 enum RecordType : uint16_t {
-  kCode = 1,   // CodeRecord + filename + qualname + linetable bytes
-  kAlloc = 2,  // AllocRecord + `count` Frames
-  kFree = 3,   // FreeRecord
-  kEnd = 4,    // EndRecord: the interpreter began to finalize (what is live is "at the end")
-  kStats = 5,  // StatsRecord: the process's memory, four times a second (readers skip types they do not know)
+  kCode = 1,    // CodeRecord + filename + qualname + linetable bytes
+  kAlloc = 2,   // AllocRecord + `count` Frames
+  kFree = 3,    // FreeRecord
+  kEnd = 4,     // EndRecord: the interpreter began to finalize (what is live is "at the end")
+  kStats = 5,   // StatsRecord: the process's memory, four times a second (readers skip types they do not know)
+  kModule = 6,  // ModuleRecord + path: an object loaded in the process (with kFlagNative)
 };
 
 struct RecordHead {
@@ -72,18 +83,22 @@ struct CodeRecord {
 };
 
 struct Frame {
-  uint32_t code;   // CodeRecord::id
-  uint32_t instr;  // index of the code unit being run (prev_instr)
+  uint32_t code;   // CodeRecord::id; 0: no frame, only kFrameEntry (an entry frame left out)
+  uint32_t instr;  // index of the code unit being run (prev_instr), | kFrameEntry
 };
+// The frame is the first that its call of _PyEval_EvalFrameDefault ran: the
+// reader puts the frames up to it in place of that C function's native frame.
+constexpr uint32_t kFrameEntry = uint32_t{1} << 31;
 
 struct AllocRecord {
   RecordHead head;
   uint32_t tid;
-  uint32_t pad;
+  uint32_t native;  // return addresses after the frames (0 without kFlagNative)
   uint64_t addr;
   uint64_t size;     // bytes asked for
   uint64_t time_ns;  // since Header::start_ns
   // Frame frames[head.count], innermost first
+  // uint64_t native_stack[native], innermost first
 };
 
 struct FreeRecord {
@@ -115,9 +130,24 @@ struct StatsRecord {
   uint64_t profiler_bytes;       // the profiler's own tables (anonymous, at most this much resident)
 };
 
+enum ModuleFlags : uint32_t {
+  kModuleSelf = 1,  // libebb: its frames (malloc, the profiler) are left out of stacks
+};
+
+struct ModuleRecord {
+  RecordHead head;
+  uint32_t flags;       // ModuleFlags
+  uint32_t path_bytes;  // the path follows, UTF-8, not terminated ("" for the vdso's own name)
+  uint64_t base;        // dlpi_addr: what the ELF file's addresses are offset by
+  uint64_t start, end;  // the loaded segments, [start, end)
+  uint32_t build_id_bytes;
+  uint32_t pad;
+  uint8_t build_id[24];  // NT_GNU_BUILD_ID, to tell whether the file on disk is still the one that ran
+};
+
 static_assert(sizeof(Header) == 64, "the header's layout is part of the format");
 static_assert(sizeof(AllocRecord) % 8 == 0 && sizeof(CodeRecord) % 8 == 0 && sizeof(FreeRecord) % 8 == 0 &&
-                  sizeof(StatsRecord) % 8 == 0,
+                  sizeof(StatsRecord) % 8 == 0 && sizeof(ModuleRecord) % 8 == 0,
               "records stay 8-byte aligned");
 
 }  // namespace ebb::capture

@@ -78,7 +78,7 @@ std::string html_report(const Capture& c, const Analysis& a, const HtmlOptions& 
       auto [it, fresh] = frame_ids.try_emplace({l.code, l.line}, frame_ids.size());
       if (fresh) {
         const Code& code = l.code < c.codes.size() ? c.codes[l.code] : c.codes[0];
-        frames.push_back({code.qualname.empty() ? "?" : code.qualname, code.filename, l.line});
+        frames.push_back({code.qualname.empty() ? "?" : code.qualname, code.filename, l.line, code.native});
       }
       ids.push_back(it->second);
     }

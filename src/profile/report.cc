@@ -145,7 +145,7 @@ std::vector<Site> sites(const Capture& c, const Snapshot& s) {
     const Code& code = l.code < c.codes.size() ? c.codes[l.code] : c.codes[0];
     Key k{code.qualname, code.filename, l.line};
     auto [it, fresh] = by_key.try_emplace(k);
-    if (fresh) it->second = Site{code.qualname, code.filename, l.line, 0, 0, 0};
+    if (fresh) it->second = Site{code.qualname, code.filename, l.line, 0, 0, 0, code.native};
     return it->second;
   };
   Site native{"[no Python frame]", "", 0, 0, 0, 0};

@@ -46,6 +46,7 @@ struct Site {
   double own = 0;        // bytes allocated by this line itself (innermost Python frame)
   double inclusive = 0;  // and by everything it called
   uint64_t count = 0;    // samples (allocations, with --all) in `own`
+  bool native = false;   // a C/C++ function (file: its object, line: 0)
 };
 
 // What the process's RSS was made of at a moment: the capture's memory

@@ -57,6 +57,7 @@ struct Options {
   // profile_rate sampled. Empty: no profiling.
   std::string profile_prefix;
   uint64_t profile_rate = 524288;
+  bool profile_native = false;  // native stacks too
 
   // --preload: workers are forked from a Python fork server (zygote.h) that
   // imported these modules once. Empty: each worker is `command`, exec'd.

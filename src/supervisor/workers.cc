@@ -53,6 +53,7 @@ std::vector<std::string> Fleet::worker_env(int id) const {
     // follow it, each with its own pid.
     env.push_back("EBB_PROFILE=" + o_.profile_prefix + (o_.children ? ".master" : ".w" + std::to_string(id)));
     env.push_back("EBB_PROFILE_RATE=" + std::to_string(o_.profile_rate));
+    env.push_back(std::string("EBB_PROFILE_NATIVE=") + (o_.profile_native ? "1" : "0"));
   }
   return env;
 }

@@ -33,7 +33,8 @@ enum Command : uint32_t {
   kCmdNone = 0,
   kCmdTrim = 1,          // give every free page back now
   kCmdSetSoftLimit = 2,  // arg: bytes of RSS above which free memory is purged at once (0: none)
-  kCmdProfileStart = 3,  // arg: sampling rate (1: every allocation); cmd_text: capture prefix (absolute)
+  kCmdProfileStart = 3,  // arg: sampling rate (1: every allocation), | capture::kRateNative for native stacks;
+                         // cmd_text: capture prefix (absolute)
   kCmdProfileStop = 4,   // stop profiling; ack_text: the capture that was written
 };
 

@@ -107,6 +107,70 @@ def test_every_allocation_mode_attributes_exactly(ebb_bin, tmp_path):
     assert total["total_bytes"] >= CACHE + TEMP + PARSE + CHURN
 
 
+NATIVE_C = r"""
+#include <stdlib.h>
+#include <string.h>
+__attribute__((noinline)) void* inner_alloc(size_t n) { void* p = malloc(n); memset(p, 1, n); return p; }
+__attribute__((noinline)) void* hold(size_t n) {
+  void* p = inner_alloc(n);
+  __asm__ volatile("" ::: "memory");  /* a call, not a tail jump: hold stays on the stack */
+  return p;
+}
+"""
+NATIVE_PY = """
+import ctypes
+lib = ctypes.CDLL(LIB)
+lib.hold.restype = ctypes.c_void_p
+lib.hold.argtypes = [ctypes.c_size_t]
+
+def from_c():
+    out = []
+    for _ in range(20):
+        out.append(lib.hold(1_000_000))                  # NATIVE: 20 x 1,000,000 B kept, by C
+    return out
+
+def build_cache():
+    cache = [None] * 600
+    for i in range(600):
+        cache[i] = bytes(100_000)                        # CACHE: 600 x 100,033 B kept
+    return cache
+
+kept = from_c()
+cache = build_cache()
+"""
+
+
+def test_native_stacks_put_python_frames_in_the_interpreters_place(ebb_bin, tmp_path):
+    lib = tmp_path / "libnative.so"
+    (tmp_path / "native.c").write_text(NATIVE_C)
+    subprocess.run(["cc", "-O1", "-g", "-shared", "-fPIC", "-o", str(lib), str(tmp_path / "native.c")], check=True)
+    script = NATIVE_PY.replace("LIB", repr(str(lib)))
+    r, caps = profile(ebb_bin, tmp_path, script, "--all", "--native")
+    assert r.returncode == 0, r.stderr
+    rep = report(ebb_bin, caps[0])
+    # The C functions, named from the library's symbols, hold exactly what they allocated.
+    inner = [s for s in rep["sites"] if s["function"] == "inner_alloc"]
+    assert inner and all(s["native"] and s["file"] == str(lib) for s in inner)
+    assert site(rep, "inner_alloc") == 20 * MB
+    assert site(rep, "hold") == 0 and site(rep, "hold", "inclusive_bytes") == 20 * MB
+    # The Python frame that called into C sits above them, at its line...
+    call = line_of(script, "# NATIVE:")
+    assert site(rep, "from_c", "inclusive_bytes", call) >= 20 * MB
+    # ...and pure Python allocations keep their lines.
+    cache_line = line_of(script, "# CACHE:")
+    assert CACHE <= site(rep, "build_cache", "inclusive_bytes", cache_line) < CACHE + MB
+    # The interpreter's own frames are there, outside the Python ones; its
+    # evaluation loop is replaced by them, and libebb's frames are left out.
+    assert site(rep, "Py_BytesMain", "inclusive_bytes") >= 20 * MB + CACHE
+    names = {s["function"] for s in rep["sites"]}
+    assert not names & {"_PyEval_EvalFrameDefault", "malloc", "calloc", "ebb_malloc"}, names & {
+        "_PyEval_EvalFrameDefault", "malloc", "calloc"}
+    assert not any("profile_alloc" in n for n in names)
+    table = subprocess.run([ebb_bin, "profile", "report", str(caps[0]), "--top", "5"], capture_output=True,
+                           text=True, timeout=60)
+    assert table.returncode == 0 and f"inner_alloc  {lib}\n" in table.stdout, table.stdout
+
+
 def test_sampled_mode_is_within_ten_percent(ebb_bin, tmp_path):
     # 4 KiB: parse()'s 6 MB is then ~1,400 samples (2.5% standard error).
     r, caps = profile(ebb_bin, tmp_path, ATTRIB, "--rate", "4K")
@@ -240,6 +304,7 @@ def test_the_offsets_libebb_reads_python_frames_with_match_the_headers(tmp_path)
               "kFrameCode": "offsetof(_PyInterpreterFrame, f_code)",
               "kFramePrevious": "offsetof(_PyInterpreterFrame, previous)",
               "kFramePrevInstr": "offsetof(_PyInterpreterFrame, prev_instr)",
+              "kFrameIsEntry": "offsetof(_PyInterpreterFrame, is_entry)",
               "kFrameOwner": "offsetof(_PyInterpreterFrame, owner)",
               "kObType": "offsetof(PyObject, ob_type)",
               "kCodeFirstLine": "offsetof(PyCodeObject, co_firstlineno)",
