@@ -106,7 +106,20 @@ Master recognize_master(const std::vector<std::string>& command) {
     m.name = prog.empty() ? "unknown" : prog;
     m.note = "ebb does not know which signal its children finish their work on; name it with --stop-signal";
   }
-  if (m.kind == MasterKind::kEbbCelery) m.drain_signal = SIGUSR2;  // python/ebb/celery.py
+  if (m.kind == MasterKind::kEbbCelery) {
+    m.drain_signal = SIGUSR2;  // python/ebb/celery.py
+    // The new master takes over once it runs as many pool processes as the
+    // old one: a pool whose size changes, or that has no processes, never
+    // gets there, and every restart would end in the 60 s timeout.
+    std::string pool = option(command, "--pool", "-P");
+    if (!pool.empty() && pool != "prefork")
+      m.restart_refused = "a new master takes over once it runs as many pool processes as the old one, and the " +
+                          pool + " pool has none; run the prefork pool, or drop --master-hard-limit";
+    else if (!option(command, "--autoscale", "").empty())
+      m.restart_refused =
+          "a new master takes over once it runs as many pool processes as the old one, and --autoscale changes "
+          "that count; give a fixed --concurrency, or drop --master-hard-limit";
+  }
   if (m.kind == MasterKind::kCelery) {
     // Measured with Celery 5.2 / billiard 4.1: the prefork master writes a
     // job to a pool process's pipe in pieces from its event loop; a warm

@@ -44,6 +44,22 @@ TEST(Master, OnlyEbbCeleryMastersAreRestartedForTheirMemoryByADrain) {
   EXPECT_EQ(recognize_master({"./server"}).restart_refused, "");
 }
 
+TEST(Master, EbbCeleryMastersWithoutAFixedPreforkPoolAreNotRestarted) {
+  using V = std::vector<std::string>;
+  const V base{"python3", "-m", "ebb.celery", "-A", "app", "worker"};
+  auto with = [&](V extra) {
+    V c = base;
+    c.insert(c.end(), extra.begin(), extra.end());
+    return recognize_master(c).restart_refused;
+  };
+  EXPECT_EQ(with({"--pool", "prefork", "--concurrency", "4"}), "");
+  EXPECT_NE(with({"--pool", "solo"}).find("solo pool has none"), std::string::npos);
+  EXPECT_NE(with({"-P", "threads"}).find("threads pool"), std::string::npos);
+  EXPECT_NE(with({"--pool=gevent"}).find("gevent pool"), std::string::npos);
+  EXPECT_NE(with({"--autoscale", "8,2"}).find("--autoscale"), std::string::npos);
+  EXPECT_NE(with({"--autoscale=8,2"}).find("--autoscale"), std::string::npos);
+}
+
 TEST(Master, ThreadedGunicornWorkersCarryAWarning) {
   EXPECT_FALSE(recognize_master({"gunicorn", "--worker-class", "gthread", "app:app"}).warning.empty());
   EXPECT_FALSE(recognize_master({"gunicorn", "-k", "gthread", "app:app"}).warning.empty());
