@@ -22,11 +22,11 @@ WRK = "/usr/bin/wrk"
 
 
 def celery_prefork(fleet, redis_url, acks_late, options, entry="ebb.celery", tasks=400, env=None,  # noqa: F811
-                   seconds=0.05):
+                   seconds=0.05, until=None):
     """Queues `tasks` tasks that keep 1.5 MB each in their pool process (`seconds` each), then
     runs a 4-process prefork worker under `ebb run --children` until every
-    task is done (bounded) and stops it; returns (fleet, started, done) with
-    per-id counts read from Redis."""
+    task is done, or `until(redis)` is true (bounded), and stops it; returns
+    (fleet, started, done) with per-id counts read from Redis."""
     import redis
     r = redis.Redis.from_url(redis_url)
     env = {"EBB_TEST_REDIS": redis_url, "EBB_TEST_ACKS_LATE": "1" if acks_late else "0", "PYTHONPATH": PYTHON_DIR,
@@ -43,7 +43,8 @@ for i in range({tasks}):
               command=[PY, "-m", entry, "-A", "celery_prefork_app", "--workdir", APPS, "worker", "--pool", "prefork",
                        "--concurrency", "4", "-l", "warning"])
     deadline = time.monotonic() + 180
-    while r.hlen("done") < tasks and time.monotonic() < deadline and f.proc.poll() is None:
+    until = until or (lambda r: r.hlen("done") >= tasks)
+    while not until(r) and time.monotonic() < deadline and f.proc.poll() is None:
         time.sleep(0.2)
     time.sleep(0.5)  # a task counted twice would show by now
     assert f.stop(timeout=60) == 0, "".join(f.raw[-30:])
@@ -104,6 +105,49 @@ def test_celery_master_restarted_above_its_hard_limit_with_every_task_exactly_on
     assert not lost and not twice, (lost, twice)
     assert "WorkerLostError" not in log and not f.of("kill"), log[-3000:]
     assert len(f.of("start")) == len(restarts) + 1, "one new master per restart"
+
+
+def test_celery_master_restart_waits_for_its_successors_pool(fleet, redis_url, tmp_path):  # noqa: F811
+    """Every master after the first takes 8 s to import (a slow deploy): the
+    old one is drained only once its successor runs its pool, so tasks keep
+    completing while the new master starts. Drained at once, the old master
+    would finish its prefetched tasks within a second and leave none running
+    for the rest of those 8 s."""
+    import redis
+    tasks, slow = 500, 8
+    f, started, done = celery_prefork(fleet, redis_url, False, ["--master-hard-limit", "110M"], tasks=tasks,
+                                      env={"EBB_TEST_MASTER_KEEP": "1000000", "EBB_TEST_KEEP": "0",
+                                           "EBB_TEST_SLOW_REDEPLOY": f"{tmp_path / 'deployed'}:{slow}"},
+                                      seconds=0.2)
+    log = "".join(f.raw)
+    old_exits = [e for e in f.of("exit", reason="hard limit") if e["message"].startswith("old master")]
+    times = sorted(float(t) for t in redis.Redis.from_url(redis_url).lrange("done_at", 0, -1))
+    gap = max(b - a for a, b in zip(times, times[1:]))
+    print(f"{len(done)}/{tasks} done, {len(old_exits)} takeovers, longest gap between completions {gap:.2f} s")
+    assert old_exits, log[-3000:]
+    assert gap < slow / 2, f"no task completed for {gap:.1f} s: the old master stopped before its successor ran"
+    assert sorted(done) == list(range(tasks)) and set(done.values()) == {1} and set(started.values()) == {1}
+
+
+@pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "acks_late"])
+def test_celery_master_stopped_with_ebb_runs_every_task_it_took(fleet, redis_url, acks_late):  # noqa: F811
+    """ebb stops mid-queue: the ebb.celery master is drained, so it runs every
+    task it received, the prefetched ones too, before it exits (a plain warm
+    shutdown would hand those back and can hang with a job half written to a
+    pool process); what it never received stays queued; nothing runs twice."""
+    import redis
+    tasks = 300
+    f, started, done = celery_prefork(fleet, redis_url, acks_late, [], tasks=tasks, seconds=0.2,
+                                      until=lambda r: r.hlen("done") >= 20)
+    r = redis.Redis.from_url(redis_url)
+    received, queued = int(r.get("received") or 0), r.llen("celery")
+    log = "".join(f.raw)
+    print(f"acks_late={acks_late}: {received} received, {len(done)} done, {queued} still queued")
+    assert "ebb.celery: drained in" in log, log[-3000:]
+    assert received == len(done) > 20, "every task the master took ran before it exited"
+    assert set(done.values()) == {1} and started == done
+    assert queued == tasks - len(done), "the rest waits in the broker"
+    assert "WorkerLostError" not in log and not f.of("kill"), log[-3000:]
 
 
 def test_celery_master_whose_successor_fails_keeps_running(fleet, redis_url, tmp_path):  # noqa: F811

@@ -9,7 +9,9 @@ pool's children grow until ebb recycles them. $EBB_TEST_ACKS_LATE=1 turns
 on task_acks_late (with task_reject_on_worker_lost). $EBB_TEST_MASTER_KEEP
 bytes (default 0) are kept by the master per task it receives, as a master
 fed large kwargs grows (seed 002); a task received by a master that
-ebb.celery drains is counted in "received_while_draining".
+ebb.celery drains is counted in "received_while_draining", and every task
+a master receives in "received". Each completion's time is appended to the
+list "done_at".
 """
 import os
 import sys
@@ -31,6 +33,15 @@ if BROKEN and os.environ.get("EBB_WORKER_ID"):
         raise SystemExit("celery_prefork_app: broken deploy (test)")
     open(BROKEN, "w").close()
 
+# $EBB_TEST_SLOW_REDEPLOY=FILE:SECONDS: the first master under ebb creates
+# FILE, and every later one takes SECONDS to import (a slow deploy).
+SLOW = os.environ.get("EBB_TEST_SLOW_REDEPLOY")
+if SLOW and os.environ.get("EBB_WORKER_ID"):
+    marker, delay = SLOW.rsplit(":", 1)
+    if os.path.exists(marker):
+        time.sleep(float(delay))
+    open(marker, "w").close()
+
 app = Celery("celery_prefork_app", broker=URL)
 app.conf.update(
     task_acks_late=ACKS_LATE,
@@ -44,6 +55,7 @@ kept = []  # the leak of the pool process: what each task keeps
 @signals.task_received.connect
 def _master_keeps(request=None, **kwargs):
     # In the master: task_received is sent where messages arrive.
+    results.incr("received")
     if MASTER_KEEP:
         kept.append(bytearray(MASTER_KEEP))
     drain = getattr(sys.modules.get("ebb.celery"), "_drain", None)
@@ -58,4 +70,5 @@ def work(task_id, payload, seconds=0.02):
     kept.append(bytearray(KEEP) + payload.encode())  # zero-filled: touched page by page
     time.sleep(seconds)
     results.hincrby("done", task_id, 1)
+    results.rpush("done_at", time.time())
     return len(payload)
