@@ -43,7 +43,11 @@ FleetStatus Fleet::snapshot() const {
     WorkerStatus ws;
     ws.id = w.id;
     ws.pid = pid;
-    ws.state = pid == master ? "master" : w.old_master ? "old master" : w.stopping ? "stopping" : "running";
+    ws.state = pid == master     ? "master"
+               : w.new_master ? "new master"
+               : w.old_master ? "old master"
+               : w.stopping   ? "stopping"
+                              : "running";
     ws.mem = w.mem;
     ws.age_s = now_s() - w.started;
     ws.soft_limit = w.limits.soft;

@@ -47,6 +47,7 @@ struct Worker {
   std::string stop_reason;
   bool recycle_refused = false;  // --children with no graceful stop signal: said once
   bool old_master = false;       // a master draining after its successor started (master_restart.cc)
+  bool new_master = false;       // started by a master restart, has not taken over (yet, or ever)
 };
 
 struct Slot {
@@ -100,6 +101,7 @@ class Fleet {
   }
   void set_master_limits(Worker& w) const;
   std::string label(int id, pid_t pid) const;  // "worker 3 [pid 1234]", or "master [pid 1233]"
+  std::string label(const Worker& w) const;    // by its role: "new master [pid 1240]", "old master [pid 1233]"…
 
   // ---- the master's warm restart (master_restart.cc)
   void restart_master(Worker& w, const std::string& reason);

@@ -117,6 +117,7 @@ void Fleet::restart_master(Worker& w, const std::string& reason) {
       master_restart_after_ = now_s() + kHandoverTimeoutS;
       return;
     }
+    workers_[to].new_master = true;
     handover_ = {};
     handover_.from = w.pid;
     handover_.to = to;
@@ -250,6 +251,7 @@ void Fleet::continue_drain(const proc::ChildMap& children) {
     w.stop_reason = "hard limit";
     kill(h.from, o_.master.drain_signal);
     slots_[0].pid = h.to;  // the old master's exit restarts nothing
+    to->second.new_master = false;
     handover_ = {};
     return;
   }
@@ -281,6 +283,7 @@ bool Fleet::drain_handed_over(pid_t old_master) {
              {{"pid", old_master}, {"successor", to}, {"reason", "hard limit"}});
   workers_.erase(old_master);
   slots_[0].pid = to;
+  workers_[to].new_master = false;
   return true;
 }
 

@@ -32,8 +32,17 @@ void Fleet::set_master_limits(Worker& w) const {
 std::string Fleet::label(int id, pid_t pid) const {
   if (is_master(pid)) return "master [pid " + std::to_string(pid) + "]";
   auto it = workers_.find(pid);
-  if (it != workers_.end() && it->second.old_master) return "old master [pid " + std::to_string(pid) + "]";
+  if (it != workers_.end()) return label(it->second);
   return fmt_worker(id, pid);
+}
+
+// A worker by its role: a master that is not (or no longer) the master
+// says which one it is.
+std::string Fleet::label(const Worker& w) const {
+  if (is_master(w.pid)) return "master [pid " + std::to_string(w.pid) + "]";
+  if (w.new_master) return "new master [pid " + std::to_string(w.pid) + "]";
+  if (w.old_master) return "old master [pid " + std::to_string(w.pid) + "]";
+  return fmt_worker(w.id, w.pid);
 }
 
 Worker& Fleet::add_worker(int id, pid_t pid) {
@@ -208,7 +217,7 @@ void Fleet::on_exit(pid_t pid, int status) {
   workers_.erase(it);
   double now = now_s();
   double uptime = now - w.started;
-  const std::string who = w.old_master ? "old master [pid " + std::to_string(pid) + "]" : label(w.id, pid);
+  const std::string who = label(w);
   std::string how = WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
                                       : "killed by " + signame(WTERMSIG(status));
   nlohmann::json f = {{"worker", w.id}, {"pid", pid}, {"uptime_s", uptime}};

@@ -107,19 +107,30 @@ def test_celery_master_restarted_above_its_hard_limit_with_every_task_exactly_on
     assert len(f.of("start")) == len(restarts) + 1, "one new master per restart"
 
 
-def test_celery_master_restart_waits_for_its_successors_pool(fleet, redis_url, tmp_path):  # noqa: F811
+def test_celery_master_restart_waits_for_its_successors_pool(fleet, redis_url, ebb_bin, tmp_path):  # noqa: F811
     """Every master after the first takes 8 s to import (a slow deploy): the
     old one is drained only once its successor runs its pool, so tasks keep
     completing while the new master starts. Drained at once, the old master
     would finish its prefetched tasks within a second and leave none running
-    for the rest of those 8 s."""
+    for the rest of those 8 s. Meanwhile ps --fleet shows both masters."""
     import redis
     tasks, slow = 500, 8
-    f, started, done = celery_prefork(fleet, redis_url, False, ["--master-hard-limit", "110M"], tasks=tasks,
+    sock = tmp_path / "fleet.sock"
+    states = set()
+
+    def watch(r):
+        p = subprocess.run([ebb_bin, "ps", "--fleet", str(sock), "--json"], capture_output=True, text=True, timeout=10)
+        if p.returncode == 0:
+            states.add(tuple(sorted(w["state"] for w in json.loads(p.stdout)["workers"] if "master" in w["state"])))
+        return r.hlen("done") >= tasks
+
+    f, started, done = celery_prefork(fleet, redis_url, False, ["--master-hard-limit", "110M", "--status-socket",
+                                                                str(sock)], tasks=tasks,
                                       env={"EBB_TEST_MASTER_KEEP": "1000000", "EBB_TEST_KEEP": "0",
                                            "EBB_TEST_SLOW_REDEPLOY": f"{tmp_path / 'deployed'}:{slow}"},
-                                      seconds=0.2)
+                                      seconds=0.2, until=watch)
     log = "".join(f.raw)
+    assert ("master", "new master") in states, states
     old_exits = [e for e in f.of("exit", reason="hard limit") if e["message"].startswith("old master")]
     times = sorted(float(t) for t in redis.Redis.from_url(redis_url).lrange("done_at", 0, -1))
     gap = max(b - a for a, b in zip(times, times[1:]))
