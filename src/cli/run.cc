@@ -32,6 +32,7 @@ struct RunArgs {
   bool children = false;
   std::string interval = "1s";
   std::string min_uptime = "5s";
+  std::string handover_timeout = "60s";
   std::string trim_cooldown = "10s";
   std::string log_format = "human";
   std::string status_socket;
@@ -205,6 +206,7 @@ int run_run(const RunArgs& a) {
   o.grace_s = seconds_of(a.grace);
   o.interval_s = seconds_of(a.interval);
   o.min_uptime_s = seconds_of(a.min_uptime);
+  o.handover_timeout_s = seconds_of(a.handover_timeout);
   o.status_socket = a.status_socket;
   o.metrics = a.metrics;
   o.log_format = a.log_format == "json" ? supervisor::LogFormat::kJson : supervisor::LogFormat::kHuman;
@@ -280,6 +282,11 @@ void register_run(CLI::App& app, int& rc) {
   sub->add_option("--interval", a->interval, "How often memory is sampled (default: 1s)")->check(duration_check());
   sub->add_option("--min-uptime", a->min_uptime,
                   "A worker exiting sooner than this after start counts toward a crash loop (default: 5s)")
+      ->check(duration_check());
+  sub->add_option("--handover-timeout", a->handover_timeout,
+                  "With --master-hard-limit: a new master that has not run its workers within this (plus "
+                  "--min-uptime) is stopped and the old one kept; also the first wait before the next try "
+                  "(default: 60s)")
       ->check(duration_check());
   sub->add_option("--trim-cooldown", a->trim_cooldown, "Least time between two trims of a worker (default: 10s)")
       ->check(duration_check());

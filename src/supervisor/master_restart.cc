@@ -33,7 +33,6 @@ namespace ebb::supervisor {
 
 namespace {
 
-constexpr double kHandoverTimeoutS = 60;  // for the new gunicorn master to run its workers
 constexpr double kMaxRetryS = 600;        // the longest wait after failed handovers in a row
 
 std::string master_label(pid_t pid) { return "master [pid " + std::to_string(pid) + "]"; }
@@ -114,7 +113,7 @@ void Fleet::restart_master(Worker& w, const std::string& reason) {
     // master that fails (a broken deploy) leaves the fleet as it was.
     pid_t to = spawn(slots_[0].id);
     if (to < 0) {
-      master_restart_after_ = now_s() + kHandoverTimeoutS;
+      master_restart_after_ = now_s() + o_.handover_timeout_s;
       return;
     }
     workers_[to].new_master = true;
@@ -185,9 +184,9 @@ void Fleet::continue_handover(const proc::ChildMap& children) {
     stop(old->second, "hard limit");
     return;
   }
-  if (now - h.started > kHandoverTimeoutS + o_.min_uptime_s)
+  if (now - h.started > o_.handover_timeout_s + o_.min_uptime_s)
     handover_failed("no new master ran its workers for " + seconds(o_.min_uptime_s) + " within " +
-                        seconds(kHandoverTimeoutS + o_.min_uptime_s) + " of SIGUSR2",
+                        seconds(o_.handover_timeout_s + o_.min_uptime_s) + " of SIGUSR2",
                     children);
 }
 
@@ -198,7 +197,7 @@ void Fleet::handover_failed(const std::string& why, const proc::ChildMap& childr
   Handover h = handover_;
   handover_ = {};
   handover_failures_++;
-  double wait = std::min(kMaxRetryS, kHandoverTimeoutS * std::ldexp(1.0, static_cast<int>(handover_failures_) - 1));
+  double wait = std::min(kMaxRetryS, o_.handover_timeout_s * std::ldexp(1.0, static_cast<int>(handover_failures_) - 1));
   master_restart_after_ = now_s() + wait;
   log_.event(
       "error",
@@ -255,9 +254,9 @@ void Fleet::continue_drain(const proc::ChildMap& children) {
     handover_ = {};
     return;
   }
-  if (now - h.started > kHandoverTimeoutS + o_.min_uptime_s)
+  if (now - h.started > o_.handover_timeout_s + o_.min_uptime_s)
     handover_failed("the new master did not run its pool for " + seconds(o_.min_uptime_s) + " within " +
-                        seconds(kHandoverTimeoutS + o_.min_uptime_s),
+                        seconds(o_.handover_timeout_s + o_.min_uptime_s),
                     children);
 }
 

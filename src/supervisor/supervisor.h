@@ -45,6 +45,9 @@ struct Options {
   // above this (after a trim) it is restarted warmly (master_restart.cc).
   // 0: never restarted for its memory.
   uint64_t master_hard_limit = 0;
+  // The new master must run its workers (its pool) within this, plus
+  // min_uptime_s; also the first wait after a failed restart (it doubles).
+  double handover_timeout_s = 60;
   double grace_s = 30;
   double interval_s = 1;
   double min_uptime_s = 5;  // a worker that exits sooner counts toward a crash loop

@@ -6,6 +6,7 @@ drives a real master: Celery prefork with a private redis-server (every
 task counted, started and done, per task id), gunicorn sync and gthread
 under wrk (every response counted). Loads are bounded in count and time.
 """
+import datetime
 import json
 import os
 import re
@@ -19,6 +20,11 @@ import pytest
 from test_run import APPS, FAST, PY, PYTHON_DIR, fleet, redis_url  # noqa: F401 (fixtures)
 
 WRK = "/usr/bin/wrk"
+
+
+def parse_time(stamp):
+    """Seconds since the epoch of a log line's time (2026-12-04T18:05:30.467Z)."""
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 def celery_prefork(fleet, redis_url, acks_late, options, entry="ebb.celery", tasks=400, env=None,  # noqa: F811
@@ -347,6 +353,35 @@ def test_gunicorn_handover_that_fails_keeps_the_old_master(fleet, ebb_bin, tmp_p
     assert not left, left
 
 
+def test_gunicorn_handover_timeout_keeps_the_old_master(fleet, ebb_bin, tmp_path):  # noqa: F811
+    """The new master hangs before it forks a worker: after --handover-timeout
+    (4 s here) plus --min-uptime, ebb gives up on it, stops it (SIGKILL after
+    the grace: it ignores SIGTERM while stuck), keeps the old master serving,
+    and waits the timeout before the next try."""
+    f = fleet(["--children", "--master-hard-limit", "80M", "--metric", "rss", "--grace", "3s", "--interval", "0.2s",
+               "--min-uptime", "1s", "--handover-timeout", "4s"], [], env={"PYTHONPATH": PYTHON_DIR},
+              command=["/usr/bin/gunicorn", "--workers", "2", "--bind", "127.0.0.1:0", "--chdir", APPS,
+                       "-c", os.path.join(APPS, "gunicorn_stuck_successor.py"), "leaky_app:app"])
+    port = gunicorn_port(f)
+    first = f.of("start")[0]["pid"]
+    restart = f.wait_for("restart", timeout=30)[0]
+    error = f.wait_for("error", timeout=30)[0]
+    waited = (parse_time(error["time"]) - parse_time(restart["time"]))
+    print(f"{error['message']} ({waited:.1f} s after SIGUSR2)")
+    assert "did not run" in error["message"] or "no new master ran its workers" in error["message"], error
+    assert "within 5.0s" in error["message"] and "next try in 4.0s" in error["message"], error
+    assert 4.5 <= waited < 15, waited
+    assert error["pid"] == first and error["successor"] > 0
+    stuck = error["successor"]
+    kill = f.wait_for("kill", timeout=20)[0]
+    assert kill["pid"] == stuck, kill
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+        assert r.status == 200
+    assert f.of("start")[0]["pid"] == first and not [e for e in f.of("exit") if "successor" in e]
+    assert f.stop() == 0
+    assert not os.path.exists(f"/proc/{stuck}") or "Z" in open(f"/proc/{stuck}/stat").read().split()[2]
+
+
 def test_gunicorn_old_master_killed_during_a_handover(fleet, ebb_bin, tmp_path):  # noqa: F811
     """The old master dies (SIGKILL) between SIGUSR2 and the takeover: ebb,
     a subreaper, adopts the new master it forked, which goes on serving, and
@@ -391,6 +426,8 @@ def test_master_hard_limit_refused_for_plain_celery_and_without_children(ebb_bin
     (plain `celery`: its warm shutdown can hang; ebb.celery drains first)."""
     for command, expect in [(["--children", "--", PY, "-m", "celery", "-A", "app", "worker"],
                              "start the worker as `python3 -m ebb.celery"),
+                            (["--children", "--", PY, "-m", "ebb.celery", "-A", "app", "worker", "--pool", "solo"],
+                             "the solo pool has none"),
                             (["--", PY, "-c", "pass"], "needs --children")]:
         p = subprocess.run([ebb_bin, "run", "--master-hard-limit", "100M", *command], capture_output=True, text=True,
                            timeout=30)
