@@ -309,11 +309,18 @@ struct ModuleScan {
 };
 ModuleScan* g_scan = nullptr;  // mapped at the first scan, kept: the purger's alone
 Lock g_scan_lock;              // one scan at a time (purger, detach, exit)
-struct ModuleSeen {
-  uint64_t base, start;
-};
-ModuleSeen* g_seen = nullptr;  // kMaxModules, under g_lock: what this capture has named
+// What this capture has named (kMaxModules, under g_lock). Whole records:
+// a forked child names them in its own capture at once.
+Module* g_seen = nullptr;
 size_t g_seen_count = 0;
+
+// The same object at the same place: an object unloaded and another loaded
+// at its address is named again.
+bool same_module(const Module& a, const Module& b) {
+  return a.base == b.base && a.start == b.start && a.end == b.end && a.path_bytes == b.path_bytes &&
+         a.build_id_bytes == b.build_id_bytes && memcmp(a.build_id, b.build_id, a.build_id_bytes) == 0 &&
+         memcmp(a.path, b.path, a.path_bytes) == 0;
+}
 
 // The object's NT_GNU_BUILD_ID, read from its loaded notes.
 uint32_t build_id(const dl_phdr_info* info, uint8_t* out, size_t cap) {
@@ -408,10 +415,10 @@ void scan_modules() {
   for (size_t i = 0; i < g_scan->count; i++) {
     const Module& m = g_scan->staged[i];
     bool seen = false;
-    for (size_t j = 0; j < g_seen_count && !seen; j++) seen = g_seen[j].base == m.base && g_seen[j].start == m.start;
+    for (size_t j = 0; j < g_seen_count && !seen; j++) seen = same_module(g_seen[j], m);
     if (seen || g_seen_count == kMaxModules) continue;
     write_module(m);
-    g_seen[g_seen_count++] = {m.base, m.start};
+    g_seen[g_seen_count++] = m;
   }
 }
 
@@ -572,7 +579,7 @@ void unmap_table(T*& t, size_t n) {
 bool make_tables() {
   g_codes = map_table<CodeSlot>(kCodeSlots);
   g_live = g_all ? nullptr : map_table<uintptr_t>(kLiveSlots);
-  g_seen = g_native ? map_table<ModuleSeen>(kMaxModules) : nullptr;
+  g_seen = g_native ? map_table<Module>(kMaxModules) : nullptr;
   g_live_count = 0;
   g_seen_count = 0;
   g_next_code = 1;
@@ -618,6 +625,25 @@ void unmark_span(const void* p) {
     s->sampled = false;
     __atomic_store_n(&seg->sampled_slots[s->slice], 0, __ATOMIC_RELAXED);
   }
+}
+
+// After a detach: spans still marked for their live samples would send
+// every free the slow way for good. Bins, then segments, as fork does;
+// never under g_lock. Only marked spans are written: the filter's page of
+// a segment never sampled stays untouched.
+void unmark_all_spans() {
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) g_bins[cls].lock.lock();
+  g_segment_lock.lock();
+  for (Segment* seg = g_segments; seg != nullptr; seg = seg->next)
+    for (unsigned i = kFirstSpanSlice; i < kSlicesPerSegment; i++) {
+      Span* sp = &seg->spans[i];
+      if (seg->span_at[i] != span_offset(i) || sp->cls == 0 || !sp->sampled) continue;
+      sp->sampled = false;
+      seg->sampled_live[i] = 0;
+      __atomic_store_n(&seg->sampled_slots[i], 0, __ATOMIC_RELAXED);
+    }
+  g_segment_lock.unlock();
+  for (unsigned cls = kNumClasses; cls >= 1; cls--) g_bins[cls].lock.unlock();
 }
 
 // The interpreter's entry points, if this is CPython 3.11. dlsym may
@@ -796,19 +822,22 @@ int32_t profile_attach(const char* prefix, uint64_t rate, bool follow_fork, char
 int32_t profile_detach(char* path, size_t cap) {
   scan_modules();
   const MemoryNow m = memory_now();
-  LockGuard guard(g_lock);
-  if (g_map == nullptr) return telemetry::kAckNotProfiling;
-  copy_out(g_path, path, cap);
-  if (!g_ended) {
-    write_stats(m);
-    // Detached: what is live now is what the capture ends with.
-    uint8_t* at = reserve(sizeof(capture::EndRecord));
-    if (at != nullptr) {
-      reinterpret_cast<capture::EndRecord*>(at)->time_ns = now_ns() - g_header->start_ns;
-      publish(at, sizeof(capture::EndRecord), capture::kEnd, 0);
+  {
+    LockGuard guard(g_lock);
+    if (g_map == nullptr) return telemetry::kAckNotProfiling;
+    copy_out(g_path, path, cap);
+    if (!g_ended) {
+      write_stats(m);
+      // Detached: what is live now is what the capture ends with.
+      uint8_t* at = reserve(sizeof(capture::EndRecord));
+      if (at != nullptr) {
+        reinterpret_cast<capture::EndRecord*>(at)->time_ns = now_ns() - g_header->start_ns;
+        publish(at, sizeof(capture::EndRecord), capture::kEnd, 0);
+      }
     }
+    finish();
   }
-  finish();
+  unmark_all_spans();
   return 0;
 }
 
@@ -905,8 +934,18 @@ void profile_free_small(Span* s, const void* p) {
   profile_free(p);
 }
 
-void profile_before_fork() { g_lock.lock(); }
-void profile_after_fork_parent() { g_lock.unlock(); }
+// The module scan first: a thread scanning holds the loader's write lock
+// (dl_iterate_phdr), which fork() does not reset in the child; waiting for
+// the scan to end keeps the child's loader usable. A scan takes g_lock
+// after g_scan_lock and no other of libebb's locks.
+void profile_before_fork() {
+  g_scan_lock.lock();
+  g_lock.lock();
+}
+void profile_after_fork_parent() {
+  g_lock.unlock();
+  g_scan_lock.unlock();
+}
 
 void profile_after_fork_child() {
   g_lock.reset_after_fork();
@@ -919,6 +958,9 @@ void profile_after_fork_child() {
   g_map = nullptr;
   g_header = nullptr;
   g_fd = -1;
+  Module* inherited = g_seen;  // the parent's objects are mapped here too
+  const size_t inherited_count = g_seen_count;
+  g_seen = nullptr;
   drop_tables();
   ThreadCache& tc = t_cache;
   tc.tid = 0;
@@ -928,8 +970,16 @@ void profile_after_fork_child() {
   // Attached to the parent: the child is not profiled (nobody will detach it).
   if (g_ended || !g_follow_fork || !make_tables() || open_capture() != 0) {
     drop_tables();
+    unmap_table(inherited, kMaxModules);
     return;
   }
+  // Named at once: a child that ends before its purger's first look
+  // (os._exit) or is killed still has them.
+  for (size_t i = 0; inherited != nullptr && g_seen != nullptr && i < inherited_count; i++) {
+    write_module(inherited[i]);
+    g_seen[g_seen_count++] = inherited[i];
+  }
+  unmap_table(inherited, kMaxModules);
   g_profile_on = true;
 }
 

@@ -31,6 +31,7 @@ std::atomic<bool> g_warm{false};     // the busy window kept spans past their de
 // How often the purger looks while cold spans empty (a `del` of old data in
 // progress): their pages go at once, and the passes follow the `del`.
 constexpr uint32_t kColdTickMs = 2;
+constexpr uint32_t kProfileTickMs = 250;  // the profiler writes the memory statistics 4 times a second
 // 0 not started, 1 starting, 2 running, 3 failed or disabled.
 std::atomic<int> g_state{0};
 std::atomic<long> g_threads{0};  // see threads_started()
@@ -71,7 +72,9 @@ void* purger_main(void*) {
     if (std::atomic<uint32_t>* word = telemetry_wake_word()) {
       uint32_t seen = word->load(std::memory_order_acquire);
       telemetry_serve();  // a command may have come before we looked
-      wait_shared(word, seen, telemetry_wait_ms(pending, tick));
+      uint32_t ms = telemetry_wait_ms(pending, tick);
+      if (g_profile_on && (ms == 0 || ms > kProfileTickMs)) ms = kProfileTickMs;  // its statistics, 4 times a second
+      wait_shared(word, seen, ms);
       telemetry_serve();
     } else {
       int seen = g_wake.load(std::memory_order_acquire);
@@ -81,7 +84,7 @@ void* purger_main(void*) {
           Lock::wait(&g_wake, seen, nullptr);
           continue;
         }
-        struct timespec quarter = {0, 250000000L};  // the profiler's memory statistics, 4 times a second
+        struct timespec quarter = {0, long{kProfileTickMs} * 1000000L};  // the profiler's statistics
         Lock::wait(&g_wake, seen, &quarter);
         profile_tick();
         continue;

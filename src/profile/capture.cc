@@ -89,6 +89,13 @@ struct NativeFrames {
   }
 };
 
+// The interpreter's evaluation loop, or a part GCC split off it
+// (`_PyEval_EvalFrameDefault.cold`, named with debug symbols only).
+bool is_eval(const std::string& name) {
+  static const std::string kEval = "_PyEval_EvalFrameDefault";
+  return name.compare(0, kEval.size(), kEval) == 0 && (name.size() == kEval.size() || name[kEval.size()] == '.');
+}
+
 // One stack from a record's Python frames and return addresses: the native
 // frames, innermost first, with each of the interpreter's frames
 // (_PyEval_EvalFrameDefault) replaced by the Python frames it ran, which
@@ -109,7 +116,7 @@ std::vector<Location> hybrid(const std::vector<Location>& python, const std::vec
   };
   for (; i < pcs.size(); i++) {
     const uint32_t id = nf.id(pcs[i]);
-    if (py < python.size() && nf.functions[id - kNativeBase].qualname == "_PyEval_EvalFrameDefault") {
+    if (py < python.size() && is_eval(nf.functions[id - kNativeBase].qualname)) {
       python_group();
     } else {
       out.push_back({id, 0});
@@ -232,7 +239,8 @@ Capture read_capture(const std::string& path) {
       std::vector<Location> stack;
       std::vector<bool> entry;
       for (size_t i = 0; i < head.count; i++) {
-        const auto f = get<capture::Frame>(d, off + sizeof r + i * sizeof(capture::Frame));
+        auto f = get<capture::Frame>(d, off + sizeof r + i * sizeof(capture::Frame));
+        if (f.code >= kNativeBase) f.code = 0;  // no code object has such an id: a damaged record
         const uint32_t instr = f.instr & ~capture::kFrameEntry;
         const int line = f.code != 0 && f.code < c.codes.size() ? c.codes[f.code].line_of(instr) : -1;
         stack.push_back({f.code, line});

@@ -64,7 +64,10 @@ std::vector<uint8_t> build_id_of(const Mapped& f, const Elf64_Shdr* sections, si
       if (desc_at + nh.n_descsz > static_cast<size_t>(end - p)) break;
       if (nh.n_type == NT_GNU_BUILD_ID && nh.n_namesz == 4 && std::memcmp(p + name_at, "GNU", 4) == 0)
         return {p + desc_at, p + desc_at + nh.n_descsz};
-      p += desc_at + ((uint64_t{nh.n_descsz} + 3) & ~uint64_t{3});
+      // The padding may run past a section whose size is not a multiple of 4.
+      const uint64_t step = desc_at + ((uint64_t{nh.n_descsz} + 3) & ~uint64_t{3});
+      if (step >= static_cast<size_t>(end - p)) break;
+      p += step;
     }
   }
   return {};
