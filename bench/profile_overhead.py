@@ -19,6 +19,9 @@ of what it wrote (captures; heaptrack's compressed data file). Each script
 prints a checksum; one that differs between variants is a failure.
 
     bench/profile_overhead.py --runs 5 --cpu 1
+
+A variant may name another build of libebb: `ebb+profile-all@/tmp/x/libebb.so`
+(to measure a change, or a floor, in the same run as the baseline).
 """
 import argparse
 import os
@@ -42,6 +45,8 @@ BASELINE = {"ebb": "ebb", "ebb+profile": "ebb", "ebb+profile-all": "ebb", "ebb+p
 
 def command(variant, script, out_dir, lib):
     """(argv, env) of one run; what it writes goes in out_dir."""
+    variant, _, other = variant.partition("@")  # VARIANT@/path/libebb.so: that build instead
+    lib = other or lib
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith(("PYTHON", "EBB_"))}
     env["PYTHONMALLOC"] = "malloc"
     argv = [allocators.PYTHON, str(SPEED_DIR / f"{script}.py")]
@@ -126,10 +131,11 @@ def main():
     scripts = [s for s in args.scripts.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
-        if v not in VARIANTS:
+        name = v.partition("@")[0]
+        if name not in VARIANTS:
             ap.error(f"unknown variant {v}")
-        if BASELINE[v] not in variants:
-            ap.error(f"{v} needs its baseline {BASELINE[v]} in --variants")
+        if BASELINE[name] not in variants:
+            ap.error(f"{v} needs its baseline {BASELINE[name]} in --variants")
     if "heaptrack" in variants and shutil.which("heaptrack") is None:
         ap.error("heaptrack is not installed (apt install heaptrack)")
     print(f"# bench/profile_overhead.py, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, "
@@ -165,10 +171,11 @@ def main():
             except RuntimeError as e:
                 errors.append(str(e))
         for v in variants:
-            if not walls[v] or not walls[BASELINE[v]]:
+            base = BASELINE[v.partition("@")[0]]
+            if not walls[v] or not walls[base]:
                 continue
             med = statistics.median(walls[v])
-            ratio = med / statistics.median(walls[BASELINE[v]])
+            ratio = med / statistics.median(walls[base])
             ratios[v].append(ratio)
             rows.append((script, v, med, ratio, rss.get(v, 0), statistics.median(written[v])))
             print(f"{script:16} {v:16} median {med:7.3f} s  x{ratio:5.2f}  peak RSS {human(rss.get(v, 0)):>7}"
