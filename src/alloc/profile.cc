@@ -437,7 +437,7 @@ void scan_modules() {
 // cannot be mapped: new samples are dropped and counted.
 constexpr unsigned kMinLiveBits = 12;
 constexpr size_t kMinLiveSlots = size_t{1} << kMinLiveBits;  // 32 KiB
-constexpr size_t kMaxLiveSlots = size_t{1} << 20;  // 8 MiB: 786,432 live samples
+constexpr size_t kMaxLiveSlots = size_t{1} << 20;            // 8 MiB: 786,432 live samples
 uintptr_t* g_live = nullptr;
 size_t g_live_slots = 0;
 unsigned g_live_bits = 0;

@@ -203,6 +203,11 @@ int run_profile(const ProfileOptions& o) {
     error("profile", "--rate wants a size from 2 bytes to 4G (for example 512K), or --all for every allocation");
     return 2;
   }
+  if (o.all && o.native)
+    fmt::print(stderr,
+               "ebb profile: warning: --native with --all unwinds the native stack at every allocation, which is "
+               "slow; a program that registers JIT-compiled frames with libgcc could also deadlock "
+               "(docs/profile.md)\n");
   if (o.pid != 0) {
     if (!o.command.empty()) {
       error("profile", "--pid profiles a running process: give it no command");

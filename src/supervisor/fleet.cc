@@ -43,7 +43,7 @@ FleetStatus Fleet::snapshot() const {
     WorkerStatus ws;
     ws.id = w.id;
     ws.pid = pid;
-    ws.state = pid == master     ? "master"
+    ws.state = pid == master  ? "master"
                : w.new_master ? "new master"
                : w.old_master ? "old master"
                : w.stopping   ? "stopping"

@@ -33,7 +33,7 @@ namespace ebb::supervisor {
 
 namespace {
 
-constexpr double kMaxRetryS = 600;        // the longest wait after failed handovers in a row
+constexpr double kMaxRetryS = 600;  // the longest wait after failed handovers in a row
 
 std::string master_label(pid_t pid) { return "master [pid " + std::to_string(pid) + "]"; }
 
