@@ -115,9 +115,12 @@ void Fleet::tick() {
     v.can_trim = w.can_trim;
     v.stopping = w.stopping;
     // A master is held (trimmed, not restarted) while a restart is under way
-    // or was just tried: one at a time.
-    v.hold =
-        v.master && (pid != master || handover_.from == pid || now < master_restart_after_ || old_master_draining());
+    // or was just tried: one at a time. A child whose recycle was refused is
+    // held too: asked again each tick, the largest one would keep the one
+    // recycling place, and a second child over its limit would never be seen.
+    v.hold = (v.master &&
+              (pid != master || handover_.from == pid || now < master_restart_after_ || old_master_draining())) ||
+             w.recycle_refused;
     v.limits = w.limits;
     view.workers.push_back(v);
   }

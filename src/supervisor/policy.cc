@@ -48,7 +48,7 @@ std::vector<Decision> decide(const Policy& p, const FleetView& fleet) {
     } else if (w.limits.soft != 0 && w.mem > w.limits.soft && may_trim) {
       trims.push_back({w.id, Action::kTrim, "soft limit"});
     }
-    if (!w.master && w.limits.max_age_s > 0 && w.age_s > w.limits.max_age_s)
+    if (!w.master && !w.hold && w.limits.max_age_s > 0 && w.age_s > w.limits.max_age_s)
       recycle.push_back({2, false, w.mem, w.age_s, {w.id, Action::kRecycle, "max age"}});
   }
 
@@ -67,7 +67,7 @@ std::vector<Decision> decide(const Policy& p, const FleetView& fleet) {
     if (!trimmed_any) {
       const WorkerView* largest = nullptr;
       for (const WorkerView& w : fleet.workers)
-        if (!w.stopping && !w.master && (largest == nullptr || w.mem > largest->mem)) largest = &w;
+        if (!w.stopping && !w.master && !w.hold && (largest == nullptr || w.mem > largest->mem)) largest = &w;
       if (largest != nullptr)
         recycle.push_back({1, false, largest->mem, largest->age_s, {largest->id, Action::kRecycle, "fleet budget"}});
     }

@@ -41,8 +41,10 @@ struct WorkerView {
   // restart) only above its own hard limit, never for the fleet budget or
   // its age.
   bool master = false;
-  // A master whose restart is under way or was just tried (master_restart.cc):
-  // still trimmed, never restarted meanwhile.
+  // Trimmed, never recycled now: a master whose restart is under way or was
+  // just tried (master_restart.cc), or a child of a master ebb has no
+  // graceful stop signal for, once its refusal is logged (children.cc). A
+  // held worker takes no --max-recycling place from the others.
   bool hold = false;
   Limits limits;
 };

@@ -220,6 +220,36 @@ TEST(Policy, TheMastersRestartDoesNotWaitForRecyclingWorkers) {
   EXPECT_EQ(d[0].id, 3);
 }
 
+TEST(Policy, AHeldWorkerTakesNoRecyclingPlace) {
+  // Two children over the hard limit, trimmed a moment ago; the larger one's
+  // recycle was refused (held): the other gets the one place.
+  FleetView f;
+  f.workers = {worker(1, 300 * MiB), worker(2, 250 * MiB)};
+  for (auto& w : f.workers) w.since_trim_s = 2;
+  f.workers[0].hold = true;
+  auto d = decide(policy(), f);
+  ASSERT_EQ(d.size(), 1u);
+  EXPECT_EQ(d[0].id, 2);
+  EXPECT_EQ(d[0].action, Action::kRecycle);
+  // The same for the fleet budget and for age.
+  Policy p = policy();
+  p.total_limit = 400 * MiB;
+  f.total = 550 * MiB;
+  f.since_fleet_trim_s = 2;
+  f.workers[1].hold = true;
+  EXPECT_TRUE(decide(p, f).empty());
+  f.workers[0].hold = false;
+  f.workers[0].mem = 150 * MiB;  // below the hard limit: only the budget and age apply
+  f.workers[1].mem = 160 * MiB;
+  d = decide(p, f);
+  ASSERT_EQ(d.size(), 1u);
+  EXPECT_EQ(d[0].id, 1);  // the budget's largest not held
+  f.workers[1].age_s = 1000;
+  f.workers[1].limits.max_age_s = 10;
+  f.total = 0;
+  EXPECT_TRUE(decide(p, f).empty());  // a held worker's age is not acted on either
+}
+
 TEST(Policy, AHeldMasterIsTrimmedButNotRestarted) {
   FleetView f;
   WorkerView m = worker(1, 150 * MiB);
