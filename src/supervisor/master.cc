@@ -110,7 +110,7 @@ Master recognize_master(const std::vector<std::string>& command) {
     m.drain_signal = SIGUSR2;  // python/ebb/celery.py
     // The new master takes over once it runs as many pool processes as the
     // old one: a pool whose size changes, or that has no processes, never
-    // gets there, and every restart would end in the 60 s timeout.
+    // gets there, and every restart would end in --handover-timeout.
     std::string pool = option(command, "--pool", "-P");
     if (!pool.empty() && pool != "prefork")
       m.restart_refused = "a new master takes over once it runs as many pool processes as the old one, and the " +
