@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import allocators  # noqa: E402
 from procs import children, free_port, proc_kb  # noqa: E402
+from profile_overhead import human  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 APPS = REPO / "tests" / "integration" / "apps"
@@ -103,14 +104,6 @@ def one_run(variant, lib, a, wrk_cpus):
         except subprocess.TimeoutExpired:
             g.kill()
             g.wait()
-
-
-def human(n):
-    for unit in ("B", "K", "M", "G"):
-        if abs(n) < 1024 or unit == "G":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
 
 
 def main():
