@@ -50,6 +50,16 @@ typedef struct ebb_class_stats_s {
   uint64_t resident_pages; /* pages of the class's spans that may be resident */
 } ebb_class_stats_t;
 
+/* The counters ebb_stats() has that need no walk of the heap: cheap enough to
+ * read around every import (`ebb imports`). A snapshot taken while other
+ * threads allocate may be off by their objects in flight. */
+typedef struct ebb_counts_s {
+  uint64_t live_bytes;      /* as in ebb_stats_t */
+  uint64_t live_objects;    /* allocations not freed (thread-cached free objects not counted) */
+  uint64_t allocs_total;    /* as in ebb_stats_t */
+  uint64_t requested_total; /* as in ebb_stats_t */
+} ebb_counts_t;
+
 /* Returns every free page to the OS now (the caller's thread cache included),
  * without waiting for the purge delay. Returns the number of bytes released. */
 size_t ebb_trim(void) EBB_NOEXCEPT;
@@ -57,6 +67,10 @@ size_t ebb_trim(void) EBB_NOEXCEPT;
 /* Fills *out (whose size is `size`, normally sizeof(ebb_stats_t)). Returns 0,
  * or -1 when out is NULL or size too small for the version field. */
 int ebb_stats(ebb_stats_t* out, size_t size) EBB_NOEXCEPT;
+
+/* Fills *out (of `size` bytes, normally sizeof(ebb_counts_t)). Returns 0, or
+ * -1 when out is NULL or size is 0. */
+int ebb_counts(ebb_counts_t* out, size_t size) EBB_NOEXCEPT;
 
 /* Number of size classes; classes are numbered 1..ebb_class_count(). */
 unsigned ebb_class_count(void) EBB_NOEXCEPT;

@@ -149,6 +149,7 @@ struct Counters {
   std::atomic<uint64_t> purge_calls{0};     // madvise calls
   std::atomic<uint64_t> unmapped_total{0};  // bytes given back with munmap, ever
   std::atomic<uint64_t> large_live{0};      // bytes of live large objects (requested)
+  std::atomic<uint64_t> large_objects{0};   // live large objects
   std::atomic<uint64_t> large_cached{0};    // bytes mapped by cached large blocks
   std::atomic<uint64_t> segments{0};
   std::atomic<uint64_t> released_allocs{0};  // allocations/bytes of exited threads

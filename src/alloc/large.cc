@@ -282,6 +282,7 @@ void* large_alloc(size_t size, size_t align, bool zero) {
     register_block(h, true);
   }
   note_live(g_counters.large_live.fetch_add(size, std::memory_order_relaxed) + size);
+  g_counters.large_objects.fetch_add(1, std::memory_order_relaxed);
   void* p = reinterpret_cast<char*>(h) + offset;
   if (zero && dirty > offset) memset(p, 0, dirty - offset < size ? dirty - offset : size);
   if (slack) purge_notify();  // the purger will unmap the slack unless realloc uses it
@@ -296,6 +297,7 @@ static void check_large_pointer(SegmentHeader* h, const void* p, const char* wha
 void large_free(SegmentHeader* h, void* p) {
   check_large_pointer(h, p, "free");
   g_counters.large_live.fetch_sub(h->request, std::memory_order_relaxed);
+  g_counters.large_objects.fetch_sub(1, std::memory_order_relaxed);
   const bool shifted = (reinterpret_cast<uintptr_t>(h) & kSegmentMask) != 0;  // not reusable as-is
   if (retire(h, p, !shifted)) {
     purge_notify();

@@ -96,6 +96,42 @@ extern "C" __attribute__((visibility("default"))) int ebb_stats(ebb_stats_t* out
   return 0;
 }
 
+extern "C" __attribute__((visibility("default"))) int ebb_counts(ebb_counts_t* out, size_t size) noexcept {
+  if (out == nullptr || size == 0) return -1;
+  ensure_init();
+  ebb_counts_t c{};
+  uint64_t cached_objects = 0, cached_bytes = 0;
+  {
+    LockGuard guard(g_tcache_lock);
+    c.allocs_total = g_counters.released_allocs.load(std::memory_order_relaxed);
+    c.requested_total = g_counters.released_bytes.load(std::memory_order_relaxed);
+    for (ThreadCache* tc = g_tcaches; tc != nullptr; tc = tc->next) {
+      c.allocs_total += __atomic_load_n(&tc->allocs, __ATOMIC_RELAXED);
+      c.requested_total += __atomic_load_n(&tc->alloc_bytes, __ATOMIC_RELAXED);
+      for (unsigned cls = 1; cls <= kNumClasses; cls++) {
+        const CacheBin& cb = tc->bins[cls];
+        const uint64_t n = cb.count_at(__atomic_load_n(&cb.top, __ATOMIC_RELAXED));
+        cached_objects += n;
+        cached_bytes += n * class_size(cls);
+      }
+    }
+  }
+  // The bins' counts without their locks: each is one word, and a count a
+  // refill is changing at this moment is as good as the one after it.
+  uint64_t out_objects = 0, out_bytes = 0;
+  for (unsigned cls = 1; cls <= kNumClasses; cls++) {
+    const uint64_t n = __atomic_load_n(&g_bins[cls].out, __ATOMIC_RELAXED);
+    out_objects += n;
+    out_bytes += n * class_size(cls);
+  }
+  c.live_objects = (out_objects > cached_objects ? out_objects - cached_objects : 0) +
+                   g_counters.large_objects.load(std::memory_order_relaxed);
+  c.live_bytes =
+      (out_bytes > cached_bytes ? out_bytes - cached_bytes : 0) + g_counters.large_live.load(std::memory_order_relaxed);
+  memcpy(out, &c, size < sizeof c ? size : sizeof c);
+  return 0;
+}
+
 extern "C" __attribute__((visibility("default"))) unsigned ebb_class_count(void) noexcept { return kNumClasses; }
 
 extern "C" __attribute__((visibility("default"))) int ebb_class_stats(unsigned cls, ebb_class_stats_t* out,

@@ -12,5 +12,6 @@ void register_top(CLI::App& app, int& rc);
 void register_compare(CLI::App& app, int& rc);
 void register_run(CLI::App& app, int& rc);
 void register_profile(CLI::App& app, int& rc);
+void register_imports(CLI::App& app, int& rc);
 
 }  // namespace ebb::cli

@@ -1,8 +1,14 @@
 #include "launch.h"
 
+#include <fmt/core.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
+#include <ctime>
 
 #include "exec.h"
 
@@ -96,6 +102,46 @@ std::vector<std::string> child_environment(const Allocator& a, const std::vector
   if (a.python_malloc) env.push_back("PYTHONMALLOC=malloc");
   for (const auto& x : extra) env.push_back(x);
   return env;
+}
+
+int run_command(const char* who, const std::vector<std::string>& argv, const std::vector<std::string>& env,
+                const std::function<void(pid_t)>& tick, int* wait_status) {
+  std::vector<std::string> args = argv, vars = env;
+  std::vector<char*> cargv = proc::c_strings(args), cenv = proc::c_strings(vars);
+  struct sigaction ignore {
+  }, old_int{}, old_quit{};
+  ignore.sa_handler = SIG_IGN;
+  sigaction(SIGINT, &ignore, &old_int);
+  sigaction(SIGQUIT, &ignore, &old_quit);
+  const pid_t pid = fork();
+  if (pid < 0) {
+    fmt::print(stderr, "ebb {}: fork: {}\n", who, strerror(errno));
+    sigaction(SIGINT, &old_int, nullptr);
+    sigaction(SIGQUIT, &old_quit, nullptr);
+    return -1;
+  }
+  if (pid == 0) {
+    sigaction(SIGINT, &old_int, nullptr);
+    sigaction(SIGQUIT, &old_quit, nullptr);
+    execvpe(cargv[0], cargv.data(), cenv.data());
+    fmt::print(stderr, "ebb {}: cannot run {}: {}\n", who, cargv[0], strerror(errno));
+    _exit(127);
+  }
+  int status = 0;
+  for (;;) {
+    const pid_t got = waitpid(pid, &status, tick ? WNOHANG : 0);
+    if (got == pid) break;
+    if (got < 0 && errno != EINTR) break;
+    if (got == 0) {
+      tick(pid);
+      struct timespec ts = {0, 100000000L};  // 100 ms
+      nanosleep(&ts, nullptr);
+    }
+  }
+  sigaction(SIGINT, &old_int, nullptr);
+  sigaction(SIGQUIT, &old_quit, nullptr);
+  if (wait_status != nullptr) *wait_status = status;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
 }  // namespace ebb::cli

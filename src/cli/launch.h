@@ -2,6 +2,9 @@
 // `ebb run`.
 #pragma once
 
+#include <sys/types.h>
+
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -30,5 +33,13 @@ bool runnable(const std::string& cmd);
 // This process's environment for a child under `a`: LD_PRELOAD and
 // PYTHONMALLOC replaced, then `extra` ("NAME=value") added.
 std::vector<std::string> child_environment(const Allocator& a, const std::vector<std::string>& extra);
+
+// Runs argv with env as system() does: ^C and ^\ reach the command, which
+// decides, and ebb waits for it. While it runs, `tick` (if set) is called
+// every 100 ms with its pid. Returns its exit status (128 + the signal that
+// ended it), or -1 after saying on stderr why it could not be started;
+// *wait_status, if given, gets waitpid's status.
+int run_command(const char* who, const std::vector<std::string>& argv, const std::vector<std::string>& env,
+                const std::function<void(pid_t)>& tick = {}, int* wait_status = nullptr);
 
 }  // namespace ebb::cli

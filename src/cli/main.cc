@@ -18,6 +18,7 @@ static int run(int argc, char** argv) {
   ebb::cli::register_compare(app, rc);
   ebb::cli::register_run(app, rc);
   ebb::cli::register_profile(app, rc);
+  ebb::cli::register_imports(app, rc);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

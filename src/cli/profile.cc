@@ -239,33 +239,10 @@ int run_profile(const ProfileOptions& o) {
   std::vector<std::string> env =
       child_environment(*alloc, {"EBB_PROFILE=" + prefix, "EBB_PROFILE_RATE=" + std::to_string(o.all ? 1 : rate),
                                  std::string("EBB_PROFILE_NATIVE=") + (o.native ? "1" : "0")});
-  std::vector<std::string> args = o.command;
-  std::vector<char*> envp = proc::c_strings(env), argv = proc::c_strings(args);
   const time_t since = time(nullptr) - 1;
-  // Like system(): ^C and ^\ reach the command, which decides; ebb waits for it.
-  struct sigaction ignore {
-  }, old_int{}, old_quit{};
-  ignore.sa_handler = SIG_IGN;
-  sigaction(SIGINT, &ignore, &old_int);
-  sigaction(SIGQUIT, &ignore, &old_quit);
-  pid_t pid = fork();
-  if (pid < 0) {
-    error("profile", fmt::format("fork: {}", strerror(errno)));
-    return 1;
-  }
-  if (pid == 0) {
-    sigaction(SIGINT, &old_int, nullptr);
-    sigaction(SIGQUIT, &old_quit, nullptr);
-    execvpe(argv[0], argv.data(), envp.data());
-    fmt::print(stderr, "ebb profile: cannot run {}: {}\n", argv[0], strerror(errno));
-    _exit(127);
-  }
   int status = 0;
-  while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-  }
-  sigaction(SIGINT, &old_int, nullptr);
-  sigaction(SIGQUIT, &old_quit, nullptr);
-  const int rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  const int rc = run_command("profile", o.command, env, {}, &status);
+  if (rc < 0) return 1;
   const auto files = captures_of(prefix, since);
   if (files.empty()) {
     error("profile", "the command wrote no capture (is it a dynamically linked program? see docs/profile.md)");

@@ -493,4 +493,29 @@ TEST(BadInputDeathTest, ReallocOfInteriorPointerNamesRealloc) {
       "ebb: realloc\\(\\): invalid pointer 0x");
 }
 
+TEST(Counts, FollowLiveObjectsAndBytesSmallAndLarge) {
+  ebb_counts_t before, during, after;
+  ASSERT_EQ(ebb_counts(nullptr, sizeof before), -1);
+  ASSERT_EQ(ebb_counts(&before, sizeof before), 0);
+  std::vector<void*> small(1000), large(10);
+  for (auto& p : small) p = opaque(malloc(v(100)));
+  for (auto& p : large) p = opaque(malloc(v(1 << 20)));
+  ASSERT_EQ(ebb_counts(&during, sizeof during), 0);
+  // The vectors' own two blocks are live too; gtest allocates nothing here.
+  const uint64_t objects = during.live_objects - before.live_objects;
+  EXPECT_GE(objects, 1010u);
+  EXPECT_LE(objects, 1012u);
+  const uint64_t bytes = during.live_bytes - before.live_bytes;
+  const uint64_t expected = 1000 * ebb::class_size(ebb::size_to_class(100)) + 10 * (1 << 20);
+  EXPECT_GE(bytes, expected);
+  EXPECT_LE(bytes, expected + 16384);
+  EXPECT_GE(during.allocs_total - before.allocs_total, 1010u);
+  EXPECT_GE(during.requested_total - before.requested_total, 1000u * 100 + 10u * (1 << 20));
+  for (void* p : small) free(p);
+  for (void* p : large) free(p);
+  ASSERT_EQ(ebb_counts(&after, sizeof after), 0);
+  EXPECT_LE(after.live_objects, before.live_objects + 2);
+  EXPECT_LE(after.live_bytes, before.live_bytes + 16384);
+}
+
 }  // namespace
