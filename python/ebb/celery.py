@@ -64,6 +64,8 @@ import time
 from celery import bootsteps, signals
 from celery.worker import state
 
+import ebb.imports
+
 __all__ = ["DRAIN_SIGNAL", "RECYCLE_SIGNAL", "freeze_before_fork", "install", "StopBetweenTasks"]
 
 # What `ebb run --children` sends a prefork pool process it recycles.
@@ -224,6 +226,11 @@ def _arm(worker):
         return wait_for_job()
 
     worker.wait_for_job = wait_for_job_unless_asked
+
+
+@signals.task_postrun.connect(weak=False, dispatch_uid="ebb.celery.imports")
+def _task_done(**kwargs):
+    ebb.imports.task_done()  # `ebb imports --tasks N`: the report after the Nth task (solo and threads pools)
 
 
 @signals.celeryd_init.connect

@@ -1,7 +1,7 @@
 """What each import costs: the import tree with the memory every module keeps.
 
     python3 -m ebb.imports [--json] [--min SIZE] [--then CODE] MODULE...
-    ebb imports [--json] [--min SIZE] [--usage] [--for DURATION] -- COMMAND...
+    ebb imports [--json] [--min SIZE] [--usage] [--for DURATION] [--tasks N] -- COMMAND...
 
 The first form imports the modules in a fresh interpreter (this one's), the
 second runs any Python command; both print the tree of the imports with, per
@@ -16,12 +16,9 @@ The measuring is done inside the measured process by
 ebb/_imports_boot/sitecustomize.py; this file renders its data (write()) and
 is the command line of the first form (main()). docs/imports.md has more.
 """
-import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -112,6 +109,7 @@ def build(data):
         "live_imported": total,
         "live_at_start": data["live_at_start"],
         "live_at_end": data["live_now"],
+        "hook_live": data.get("hook_live"),
         "loaded_at_start": sorted(at_start),
         "loaded_by_ebb": sorted(own),
         "aliases": aliases,
@@ -183,9 +181,10 @@ def render(report, min_bytes):
     lines = [
         f"ebb imports: {_plural(report['modules_imported'], 'module')} imported, {human(report['live_imported'])} live after "
         f"their imports ({'libebb counters' if exact else 'tracemalloc: libebb was not loaded; no objects or allocated bytes'})",
-        f"  at start: {human(report['live_at_start'])} live, {len(report['loaded_at_start'])} modules loaded by the "
-        f"interpreter and {len(report['loaded_by_ebb'])} by ebb imports (not measured); at the end: "
-        f"{human(report['live_at_end'])} live",
+        f"  at start: {human(report['live_at_start'])} live, {len(report['loaded_at_start'])} modules loaded "
+        f"before the measurement and {len(report['loaded_by_ebb'])} by ebb imports itself (not measured); at the "
+        f"end: {human(report['live_at_end'])} live, of which {human(report['hook_live'])} are ebb imports' own records "
+        "(left out of the modules' figures)",
         "",
     ]
     header = f"{'live':>8} {'self':>8} {'allocated':>9} {'objects':>9} {'ms':>8}  module"
@@ -251,7 +250,9 @@ def _subtree_size(node):
 def _short(at):
     if not at:
         return "?"
-    path, _, line = at.rpartition(":")
+    path, colon, line = at.rpartition(":")
+    if not colon:
+        return at  # "ebb run --preload"
     cwd = os.getcwd() + os.sep
     if path.startswith(cwd):
         path = path[len(cwd):]
@@ -259,13 +260,25 @@ def _short(at):
 
 
 def write(data, out, fmt, min_bytes):
-    """Writes the report of the sitecustomize hook's `data` to `out` (text or json)."""
+    """Writes the report of the sitecustomize hook's `data` to `out` (text or json), 0600."""
     report = build(data)
     text = json.dumps(report, indent=1) + "\n" if fmt == "json" else render(report, min_bytes)
     tmp = f"{out}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, out)
+
+
+def task_done():
+    """ebb.celery and ebb.rq call this after each task: under `ebb imports --tasks N`
+    the report is written after the Nth (in the process that runs the tasks)."""
+    hook = sys.modules.get("ebb_imports_hook")
+    if hook is not None:
+        try:
+            hook.task_done()
+        except Exception:  # noqa: BLE001 - a report never fails a task
+            pass
 
 
 # ---- python3 -m ebb.imports ---------------------------------------------------
@@ -288,8 +301,8 @@ def environment(out, fmt, min_bytes, usage=False, after=None, base=None):
     return env
 
 
-def _program(modules, then):
-    """The -c program: each import, with one clear line if it fails, then the workload."""
+def _program(modules, then, failed):
+    """The -c program: each import, with one clear line (and the file `failed`) if it fails, then the workload."""
     lines = []
     for m in modules:
         lines += [
@@ -298,7 +311,8 @@ def _program(modules, then):
             "except BaseException as e:",
             "    import sys",
             f"    sys.stderr.write('ebb.imports: cannot import {m}: %s: %s\\n' % (type(e).__name__, e))",
-            "    raise SystemExit(3)",
+            f"    open({failed!r}, 'w').close()",
+            "    raise SystemExit(1)",
         ]
     if then:
         lines.append(then)
@@ -306,6 +320,9 @@ def _program(modules, then):
 
 
 def main(argv=None):
+    import argparse  # here: the fork server of `ebb run --preload` imports this module for build()
+    import subprocess
+    import tempfile
     p = argparse.ArgumentParser(
         prog="python3 -m ebb.imports",
         description="Import MODULEs in a fresh interpreter and print what each import keeps in memory, as a tree.",
@@ -330,8 +347,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="ebb-imports.") as tmp:
         out = os.path.join(tmp, "report")
         env = environment(out, "json" if a.json else "text", min_bytes, usage=a.then is not None)
-        rc = subprocess.call([sys.executable, "-c", _program(a.modules, a.then)], env=env)
-        if rc == 3:
+        failed = os.path.join(tmp, "failed")
+        rc = subprocess.call([sys.executable, "-c", _program(a.modules, a.then, failed)], env=env)
+        if os.path.exists(failed):
             return 1  # the child said which import failed
         if not os.path.exists(out):
             sys.stderr.write(f"ebb.imports: the interpreter wrote no report (exit status {rc})\n")

@@ -17,6 +17,8 @@ always run to the end first. A second signal is still RQ's cold shutdown.
     rq worker --worker-class ebb.rq.Worker ...         # a forked horse per job
 """
 import rq.worker
+
+import ebb.imports
 from rq.exceptions import DequeueTimeout
 from rq.worker import StopRequested, WorkerStatus
 
@@ -63,3 +65,9 @@ class Worker(StopBetweenJobs, rq.worker.Worker):
 
 class SimpleWorker(StopBetweenJobs, rq.worker.SimpleWorker):
     """rq.SimpleWorker (jobs run in the worker) that stops between jobs."""
+
+    def perform_job(self, job, queue):
+        try:
+            return super().perform_job(job, queue)
+        finally:
+            ebb.imports.task_done()  # `ebb imports --tasks N`: the report after the Nth job

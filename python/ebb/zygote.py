@@ -63,7 +63,7 @@ def _fail(conn, msg):
 
 def _parse(argv):
     """Our own arguments, then the worker command after '--'."""
-    opts = {"preload": [], "fd": -1, "ebb_pid": 0, "stop_signal": int(signal.SIGTERM)}
+    opts = {"preload": [], "fd": -1, "ebb_pid": 0, "stop_signal": int(signal.SIGTERM), "imports": ""}
     i = 0
     while i < len(argv) and argv[i] != "--":
         key, value = argv[i], argv[i + 1]
@@ -75,6 +75,8 @@ def _parse(argv):
             opts["ebb_pid"] = int(value)
         elif key == "--stop-signal":
             opts["stop_signal"] = int(value)
+        elif key == "--imports":
+            opts["imports"] = os.path.abspath(value)  # the worker may change directory
         i += 2
     command = argv[i + 1:]
     if command[:1] == ["-m"]:
@@ -243,6 +245,80 @@ def _adopted_by(ebb_pid, deadline_s=5.0):
     return os.getppid() == ebb_pid
 
 
+# ---- the import tree (ebb ps --fleet --imports, docs/imports.md) -------------
+
+_recorder = None  # ebb/_imports_boot's _Recorder, when the imports are measured
+_hook = None  # the module it comes from
+
+
+def _measure_imports(opts):
+    """Installs the import hook of `ebb imports` before the preload, under libebb only."""
+    global _recorder, _hook
+    if not opts["imports"]:
+        return
+    try:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_imports_boot", "sitecustomize.py")
+        spec = importlib.util.spec_from_file_location("ebb._imports_hook", path)
+        hook = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(hook)
+        from ebb import imports  # noqa: F401 - now, so that the tree does not show it
+        recorder = hook._Recorder(None, tracemalloc=False)  # tracemalloc would slow every worker
+        if recorder.counters is not None:
+            recorder.install(usage=False)
+            _recorder, _hook = recorder, hook
+    except Exception as e:  # noqa: BLE001 - the tree is a report: never a reason not to serve
+        sys.stderr.write(f"ebb zygote: the imports are not measured: {type(e).__name__}: {e}\n")
+
+
+def _write_import_tree(opts):
+    """<imports>.json and .txt (0600): the tree of what the fork server imported (libebb's counters)."""
+    if not opts["imports"]:
+        return None
+    try:
+        if _recorder is None:
+            with open(opts["imports"] + ".json", "w") as f:
+                f.write(json.dumps({"error": "libebb is not loaded, or ebb_counts() is missing"}))
+            return None
+        from ebb import imports
+        data = _recorder.data()
+        for r in data["records"]:  # the preloaded modules: not "imported at zygote.py"
+            if r["parent"] is None and r.get("thread") is None and (r.get("at") or "").startswith(__file__):
+                r["at"] = "ebb run --preload"
+        report = imports.build(data)
+        _hook._write_private(opts["imports"] + ".json", json.dumps(report))
+        _hook._write_private(opts["imports"] + ".txt", imports.render(report, 64 << 10))
+        return {"modules": report["modules_imported"], "live": report["live_imported"]}
+    except Exception as e:  # noqa: BLE001 - the tree is a report: never a reason not to serve
+        sys.stderr.write(f"ebb zygote: cannot write the import tree {opts['imports']}.json: {e}\n")
+        return None
+
+
+def _report_worker_imports(opts):
+    """In a worker: one line per import that ends at the top, in <imports>.<pid>.jsonl (0600)."""
+    if _recorder is None:
+        return
+    pid = os.getpid()
+    path = f"{opts['imports']}.{pid}.jsonl"
+    records = _recorder.records
+
+    def on_top(index):
+        if os.getpid() != pid:
+            return  # a process the worker forked: not the worker's own imports
+        r = records[index]
+        line = {"name": r["name"], "live": r.get("live"), "modules": len(records) - index,
+                "ms": round(r.get("ns", 0) / 1e6, 3), "at": r.get("at")}
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, (json.dumps(line) + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    _recorder.on_top = on_top
+
+
 def _become_worker(opts, conn, request):
     """In the worker: undo what the zygote set up, then return to run the command."""
     conn.close()
@@ -273,6 +349,7 @@ def _become_worker(opts, conn, request):
         if err != 0:
             print(f"ebb worker {worker_id}: profile off: {os.strerror(err)}", file=sys.stderr, flush=True)
     _name_process(f"ebb worker {worker_id}: {_command_text(opts)}", f"ebb worker {worker_id}")
+    _report_worker_imports(opts)
     # Python's random reseeds itself after fork; numpy's legacy global state does not.
     if "numpy.random" in sys.modules:
         try:
@@ -405,9 +482,11 @@ def main():
     _name_process(f"ebb fork server: {_command_text(opts)}", "ebb forkserver")
     t0 = time.monotonic()
     restore_gc = _record_gc_choice()
+    _measure_imports(opts)
     modules, warnings = _preload(opts, conn)
     problem = _check_command(opts)  # may import parent packages: before the freeze
     restore_gc()
+    tree = None if problem else _write_import_tree(opts)
     if problem:
         _fail(conn, {"event": "error", "command": True, "error": problem})
         os._exit(1)
@@ -421,6 +500,8 @@ def main():
         "frozen": gc.get_freeze_count(),
         "warnings": warnings,
     }
+    if tree is not None:
+        ready["imports"] = tree
     _fail(conn, ready)
     _serve(opts, conn)
     _run_command(opts)

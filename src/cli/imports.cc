@@ -1,19 +1,20 @@
 // ebb imports: run a Python command and print what each of its imports keeps
 // in memory, as a tree (docs/imports.md).
 //
-//   ebb imports [--json] [--min SIZE] [--usage] [--for TIME] [-o FILE] -- COMMAND...
+//   ebb imports [--json] [--min SIZE] [--usage] [--for TIME] [--tasks N] [-o FILE] -- COMMAND...
 //
 // The measuring happens inside the command, under libebb: the hook in the
 // Python package (ebb/_imports_boot/sitecustomize.py, put first on PYTHONPATH)
 // reads libebb's counters around every import and writes the report at exit,
-// or after --for; this side starts the command, stops it after --for, and
-// prints the report.
+// or after --for or --tasks; this side starts the command, stops it after
+// that, and prints the report.
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -37,6 +38,7 @@ struct ImportsOptions {
   bool usage = false;
   std::string min = "64K";
   std::string after;   // --for
+  unsigned tasks = 0;  // --tasks
   std::string output;  // -o
   std::vector<std::string> command;
 };
@@ -93,7 +95,7 @@ int run_imports(const ImportsOptions& o) {
   }
   if (o.command.empty()) {
     error("imports",
-          "no command: ebb imports [--json] [--min SIZE] [--usage] [--for TIME] -- COMMAND...  "
+          "no command: ebb imports [--json] [--min SIZE] [--usage] [--for TIME] [--tasks N] -- COMMAND...  "
           "(or: python3 -m ebb.imports MODULE...)");
     return 2;
   }
@@ -125,21 +127,32 @@ int run_imports(const ImportsOptions& o) {
                                     "EBB_IMPORTS_MIN=" + std::to_string(min)};
   if (o.usage) extra.emplace_back("EBB_IMPORTS_USAGE=1");
   if (after > 0) extra.push_back(fmt::format("EBB_IMPORTS_FOR={}", after));
-  // With --for, the command writes its report after that long and is then
-  // stopped as `kill` would: SIGTERM, then SIGKILL if it is still there 10 s later.
-  double stopped_at = -1, waited = 0;
+  if (o.tasks > 0) extra.push_back(fmt::format("EBB_IMPORTS_TASKS={}", o.tasks));
+  // With --for or --tasks, the command writes its report after that long or
+  // that many tasks, then <report>.stop with its pid, and sends itself
+  // SIGTERM (one signal: a second one is a cold shutdown for Celery and RQ).
+  // ebb sends SIGKILL if it is still there 10 s later; and if no report came
+  // a minute after --for, it says so and stops the command as `kill` would.
+  double stopped_at = -1, gave_up_at = -1, waited = 0;
   auto tick = [&](pid_t pid) {
     waited += 0.1;
-    if (stopped_at < 0 && exists(report)) {
-      kill(pid, SIGTERM);
+    if (stopped_at < 0 && gave_up_at < 0 && exists(report + ".stop")) {  // it is stopping
       stopped_at = waited;
-    } else if (stopped_at >= 0 && waited - stopped_at > 10) {
+    } else if (stopped_at < 0 && gave_up_at < 0 && after > 0 && waited > after + 60) {
+      error("imports", fmt::format("no report {:.0f} s after --for {}: stopping the command", waited - after, o.after));
+      kill(pid, SIGTERM);
+      gave_up_at = waited;
+    } else if (std::max(stopped_at, gave_up_at) >= 0 && waited - std::max(stopped_at, gave_up_at) > 10) {
+      std::ifstream marker(report + ".stop");
+      pid_t measured = 0;
+      if (marker >> measured && measured > 0) kill(measured, SIGKILL);  // the Python under a wrapper, if any
       kill(pid, SIGKILL);
+      stopped_at = gave_up_at = -1e9;  // once
     }
   };
   int status = 0;
   const int rc = run_command("imports", o.command, child_environment(*alloc, extra),
-                             after > 0 ? std::function<void(pid_t)>(tick) : nullptr, &status);
+                             after > 0 || o.tasks > 0 ? std::function<void(pid_t)>(tick) : nullptr, &status);
   if (rc < 0) return 1;
   if (!exists(report)) {
     error("imports", fmt::format("{} wrote no import report (it exited {}): is it a Python program that reads "
@@ -153,7 +166,7 @@ int run_imports(const ImportsOptions& o) {
     error("imports", fmt::format("cannot write {}: {}", o.output.empty() ? "the report" : o.output, strerror(errno)));
     return 1;
   }
-  if (stopped_at >= 0) return 0;  // ebb stopped it, as asked
+  if (exists(report + ".stop")) return 0;  // it stopped after its report, as asked
   if (rc != 0)
     error("imports",
           fmt::format("the command exited {}", WIFEXITED(status) ? fmt::format("with status {}", rc)
@@ -173,12 +186,17 @@ void register_imports(CLI::App& app, int& rc) {
                 "Also watch which modules' functions run (slower), and list the others as lazy-import candidates");
   sub->add_option("--for", o->after,
                   "Write the report after this long, e.g. 60s, then stop the command (default: at its exit)");
+  sub->add_option("--tasks", o->tasks,
+                  "Write the report after the worker's first N tasks, then stop it (ebb.celery with a solo or "
+                  "threads pool, ebb.rq.SimpleWorker)")
+      ->check(CLI::PositiveNumber);
   sub->add_option("-o,--output", o->output, "Write the report to FILE instead of the standard output");
   sub->add_option("command", o->command, "The Python command to run, after --");
   sub->footer(
       "Examples:\n"
       "  ebb imports -- python3 -c 'import flask'\n"
       "  ebb imports --usage --for 60s -- celery -A proj worker --pool solo\n"
+      "  ebb imports --usage --tasks 100 -- python3 -m ebb.celery -A proj worker --pool solo\n"
       "  python3 -m ebb.imports --then 'import app; app.main()' app   (modules only, no ebb binary needed)");
   sub->callback([o, &rc] { rc = run_imports(*o); });
 }

@@ -104,6 +104,18 @@ std::vector<std::string> child_environment(const Allocator& a, const std::vector
   return env;
 }
 
+namespace {
+
+volatile sig_atomic_t g_command_pid = 0;  // the command run_command() waits for
+
+// SIGTERM or SIGHUP to ebb goes to the command, as `timeout` and `env` pass
+// them on; ebb goes on waiting, so that what it does after (the report) is done.
+void forward_signal(int sig) {
+  if (g_command_pid > 0) kill(g_command_pid, sig);
+}
+
+}  // namespace
+
 int run_command(const char* who, const std::vector<std::string>& argv, const std::vector<std::string>& env,
                 const std::function<void(pid_t)>& tick, int* wait_status) {
   std::vector<std::string> args = argv, vars = env;
@@ -111,13 +123,22 @@ int run_command(const char* who, const std::vector<std::string>& argv, const std
   struct sigaction ignore {
   }, old_int{}, old_quit{};
   ignore.sa_handler = SIG_IGN;
+  struct sigaction forward {
+  }, old_term{}, old_hup{};
+  forward.sa_handler = forward_signal;
   sigaction(SIGINT, &ignore, &old_int);
   sigaction(SIGQUIT, &ignore, &old_quit);
+  auto restore = [&] {
+    sigaction(SIGINT, &old_int, nullptr);
+    sigaction(SIGQUIT, &old_quit, nullptr);
+    sigaction(SIGTERM, &old_term, nullptr);
+    sigaction(SIGHUP, &old_hup, nullptr);
+    g_command_pid = 0;
+  };
   const pid_t pid = fork();
   if (pid < 0) {
     fmt::print(stderr, "ebb {}: fork: {}\n", who, strerror(errno));
-    sigaction(SIGINT, &old_int, nullptr);
-    sigaction(SIGQUIT, &old_quit, nullptr);
+    restore();
     return -1;
   }
   if (pid == 0) {
@@ -127,19 +148,25 @@ int run_command(const char* who, const std::vector<std::string>& argv, const std
     fmt::print(stderr, "ebb {}: cannot run {}: {}\n", who, cargv[0], strerror(errno));
     _exit(127);
   }
+  g_command_pid = pid;
+  sigaction(SIGTERM, &forward, &old_term);
+  sigaction(SIGHUP, &forward, &old_hup);
   int status = 0;
   for (;;) {
     const pid_t got = waitpid(pid, &status, tick ? WNOHANG : 0);
     if (got == pid) break;
-    if (got < 0 && errno != EINTR) break;
+    if (got < 0 && errno != EINTR) {
+      fmt::print(stderr, "ebb {}: waitpid: {}\n", who, strerror(errno));
+      restore();
+      return -1;
+    }
     if (got == 0) {
       tick(pid);
       struct timespec ts = {0, 100000000L};  // 100 ms
       nanosleep(&ts, nullptr);
     }
   }
-  sigaction(SIGINT, &old_int, nullptr);
-  sigaction(SIGQUIT, &old_quit, nullptr);
+  restore();
   if (wait_status != nullptr) *wait_status = status;
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }

@@ -35,7 +35,7 @@ bool runnable(const std::string& cmd);
 std::vector<std::string> child_environment(const Allocator& a, const std::vector<std::string>& extra);
 
 // Runs argv with env as system() does: ^C and ^\ reach the command, which
-// decides, and ebb waits for it. While it runs, `tick` (if set) is called
+// decides, and ebb waits for it; SIGTERM and SIGHUP sent to ebb are passed on. While it runs, `tick` (if set) is called
 // every 100 ms with its pid. Returns its exit status (128 + the signal that
 // ended it), or -1 after saying on stderr why it could not be started;
 // *wait_status, if given, gets waitpid's status.

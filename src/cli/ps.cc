@@ -12,6 +12,7 @@
 #include <optional>
 
 #include "commands.h"
+#include "fleet_imports.h"
 #include "format.h"
 #include "pagemap.h"
 #include "rows.h"
@@ -25,6 +26,7 @@ struct PsOptions {
   bool json = false;
   std::string sort = "pss";
   std::string fleet;  // status socket of an `ebb run`
+  bool imports = false;
 };
 
 // The status JSON of an `ebb run` (its --status-socket); nullopt with *err.
@@ -92,6 +94,10 @@ int run_fleet(const PsOptions& o) {
     return 1;
   }
   add_memory(*j);
+  if (o.imports && !add_imports(*j, &err)) {
+    error("ps", err);
+    return 1;
+  }
   if (o.json) {
     fmt::print("{}\n", j->dump(2));
     return 0;
@@ -165,6 +171,7 @@ int run_fleet(const PsOptions& o) {
   if (zygote && worker_rss > 0)
     fmt::print("the workers share {} with the fork server: {:.0f}% of their RSS\n", human_bytes(from_zygote),
                100.0 * static_cast<double>(from_zygote) / static_cast<double>(worker_rss));
+  if (o.imports) print_imports(*j);
   return 0;
 }
 
@@ -199,6 +206,10 @@ nlohmann::json to_json(const Row& r) {
 
 int run_ps(const PsOptions& o) {
   if (!o.fleet.empty()) return run_fleet(o);
+  if (o.imports) {
+    error("ps", "--imports goes with --fleet SOCKET (an `ebb run --preload` fleet)");
+    return 2;
+  }
   std::vector<Row> rows = collect(o.sel);
   int rc = 0;
   for (const Row& r : rows)
@@ -273,6 +284,8 @@ void register_ps(CLI::App& app, int& rc) {
   sub->add_option("--sort", o->sort, "Sort by this column, largest first (default: pss)")
       ->check(CLI::IsMember({"pid", "rss", "pss", "uss", "shared", "swap", "heap", "command"}));
   sub->add_option("--fleet", o->fleet, "Show the workers of an `ebb run` through its --status-socket");
+  sub->add_flag("--imports", o->imports,
+                "With --fleet and --preload: what the fork server imported (a tree) and each worker after the fork");
   sub->callback([o, &rc] { rc = run_ps(*o); });
 }
 

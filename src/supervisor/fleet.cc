@@ -37,7 +37,7 @@ FleetStatus Fleet::snapshot() const {
   s.shutting_down = shutting_down_;
   s.total = total_;
   s.total_limit = o_.policy.total_limit;
-  if (zygote_alive()) s.zygote = zygote_->pid(), s.zygote_mem = zygote_mem_;
+  if (zygote_alive()) s.zygote = zygote_->pid(), s.zygote_mem = zygote_mem_, s.zygote_imports = imports_base();
   pid_t master = o_.children && !slots_.empty() ? slots_[0].pid : 0;
   for (const auto& [pid, w] : workers_) {
     WorkerStatus ws;
@@ -319,6 +319,7 @@ int Fleet::run() {
   }
   if (!o_.preload.empty()) {
     use_zygote_ = true;
+    remove_import_trees();
     if (!start_zygote(zygote_, "initial")) {
       close(sfd);
       if (status_fd >= 0) {
@@ -377,6 +378,7 @@ int Fleet::run() {
     unlink(o_.status_socket.c_str());
   }
   if (metrics_fd >= 0) close(metrics_fd);
+  remove_import_trees();
   return code;
 }
 

@@ -168,6 +168,10 @@ class Fleet {
     return std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.forking; });
   }
   bool zygote_alive() const { return zygote_ && zygote_->pid() > 0; }
+  // --preload with a status socket: <socket>.imports, the prefix of the
+  // fork server's import tree and of its workers' (fork_server.cc); else "".
+  std::string imports_base() const;
+  void remove_import_trees() const;
 
   const Options& o_;
   Log log_;

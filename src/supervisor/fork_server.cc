@@ -3,6 +3,7 @@
 // SIGHUP, and registers the workers it forks.
 #include <limits>
 
+#include <dirent.h>
 #include <errno.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 
 #include "fleet.h"
 
@@ -19,10 +21,38 @@ namespace ebb::supervisor {
 
 // ---- the fork server of --preload
 
+std::string Fleet::imports_base() const {
+  if (o_.preload.empty() || o_.status_socket.empty()) return "";
+  std::error_code ec;  // absolute: `ebb ps` may run elsewhere, and a worker may change directory
+  const auto path = std::filesystem::absolute(o_.status_socket + ".imports", ec);
+  return ec ? o_.status_socket + ".imports" : path.string();
+}
+
+// At exit, and at start for what an ebb killed with SIGKILL left behind.
+void Fleet::remove_import_trees() const {
+  const std::string base = imports_base();
+  if (base.empty()) return;
+  unlink((base + ".json").c_str());
+  unlink((base + ".txt").c_str());
+  const size_t slash = base.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : base.substr(0, slash + 1);
+  const std::string name = base.substr(slash == std::string::npos ? 0 : slash + 1) + ".";
+  DIR* d = opendir(dir.c_str());
+  if (d == nullptr) return;
+  while (const dirent* e = readdir(d)) {  // the workers' <base>.<pid>.jsonl
+    const std::string f = e->d_name;
+    const auto ends = [&f](const char* s) {
+      return f.size() > strlen(s) && f.compare(f.size() - strlen(s), strlen(s), s) == 0;
+    };
+    if (f.rfind(name, 0) == 0 && (ends(".jsonl") || ends(".tmp"))) unlink((dir + f).c_str());
+  }
+  closedir(d);
+}
+
 bool Fleet::start_zygote(std::unique_ptr<Zygote>& z, const char* why) {
   auto fresh = std::make_unique<Zygote>();
   std::string err;
-  if (!fresh->start(o_.python, o_.preload, o_.python_dir, o_.env, o_.stop_signal, &err)) {
+  if (!fresh->start(o_.python, o_.preload, o_.python_dir, o_.env, o_.stop_signal, imports_base(), &err)) {
     log_.event("error", "cannot start the fork server: " + err, {{"error", err}});
     return false;
   }

@@ -91,7 +91,10 @@ nlohmann::json status_json(const FleetStatus& s) {
                       {"kills", s.kills},
                       {"oom_kills", s.oom_kills},
                       {"workers", nlohmann::json::array()}};
-  if (s.zygote != 0) j["zygote"] = {{"pid", s.zygote}, {"mem", s.zygote_mem}, {"restarts", s.zygote_restarts}};
+  if (s.zygote != 0) {
+    j["zygote"] = {{"pid", s.zygote}, {"mem", s.zygote_mem}, {"restarts", s.zygote_restarts}};
+    if (!s.zygote_imports.empty()) j["zygote"]["imports"] = s.zygote_imports;
+  }
   for (const WorkerStatus& w : s.workers)
     j["workers"].push_back({{"id", w.id},
                             {"pid", w.pid},

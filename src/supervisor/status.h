@@ -45,6 +45,7 @@ struct FleetStatus {
   pid_t zygote = 0;                          // the fork server of --preload, 0 when none
   uint64_t zygote_mem = 0;
   uint64_t zygote_restarts = 0;
+  std::string zygote_imports;  // --preload with a status socket: where the import trees are (docs/imports.md)
 };
 
 nlohmann::json status_json(const FleetStatus& s);

@@ -215,6 +215,8 @@ void Fleet::on_exit(pid_t pid, int status) {
   if (pid == handover_.to) handover_.to = 0;  // the new master died before it took over
   Worker w = it->second;
   workers_.erase(it);
+  if (const std::string base = imports_base(); !base.empty())
+    unlink((base + "." + std::to_string(pid) + ".jsonl").c_str());
   double now = now_s();
   double uptime = now - w.started;
   const std::string who = label(w);

@@ -144,7 +144,7 @@ std::optional<PythonCommand> python_command(const std::vector<std::string>& argv
 Zygote::~Zygote() { close_socket(); }
 
 bool Zygote::start(const PythonCommand& cmd, const std::vector<std::string>& modules, const std::string& python_dir,
-                   std::vector<std::string> env, int stop_signal, std::string* err) {
+                   std::vector<std::string> env, int stop_signal, const std::string& imports, std::string* err) {
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) {
     *err = std::string("socketpair: ") + strerror(errno);
@@ -156,8 +156,13 @@ bool Zygote::start(const PythonCommand& cmd, const std::vector<std::string>& mod
   for (const std::string& a :
        {std::string("-c"), std::string(kBoot), python_dir, std::string("--fd"), std::to_string(sv[1]),
         std::string("--ebb-pid"), std::to_string(getpid()), std::string("--stop-signal"), std::to_string(stop_signal),
-        std::string("--preload"), preload, std::string("--")})
+        std::string("--preload"), preload})
     args.push_back(a);
+  if (!imports.empty()) {
+    args.emplace_back("--imports");
+    args.push_back(imports);
+  }
+  args.emplace_back("--");
   args.insert(args.end(), cmd.run.begin(), cmd.run.end());
   std::vector<char*> argv = proc::c_strings(args), envp = proc::c_strings(env);
   pid_t ppid = getpid();

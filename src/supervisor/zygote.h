@@ -40,10 +40,13 @@ class Zygote {
   ~Zygote();
 
   // Starts the zygote: `python_dir` holds the ebb package, `env` is its
-  // whole environment (and the workers'). Returns false with *err when it
-  // cannot even be started; import errors come later, as a message.
+  // whole environment (and the workers'). With `imports`, it writes the tree
+  // of its imports to <imports>.json and .txt, and each worker what it
+  // imports after the fork to <imports>.<pid>.jsonl (docs/imports.md).
+  // Returns false with *err when it cannot even be started; import errors
+  // come later, as a message.
   bool start(const PythonCommand& cmd, const std::vector<std::string>& modules, const std::string& python_dir,
-             std::vector<std::string> env, int stop_signal, std::string* err);
+             std::vector<std::string> env, int stop_signal, const std::string& imports, std::string* err);
 
   // One message from the zygote, when fd() is readable; nullopt when the
   // socket is closed (the zygote is gone).

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from test_run import APPS, celery_task, redis_url  # noqa: F401
 
 PY = "/usr/bin/python3"
 PYTHON_DIR = str(REPO / "python")
@@ -140,6 +141,41 @@ def test_for_writes_the_report_then_stops_a_worker(ebb_bin, tmp_path):
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - start < 20
     assert any(line.endswith(" json  (<string>:1)") for line in r.stdout.splitlines()), r.stdout
+
+
+@pytest.mark.parametrize("kind", ["rq", "celery"])
+def test_tasks_writes_the_report_after_a_workers_first_n_tasks(ebb_bin, redis_url, kind, tmp_path):  # noqa: F811
+    """The workload of --usage is the worker's first 3 tasks; then ebb stops it."""
+    import redis
+    db = redis.Redis.from_url(redis_url)
+    if kind == "rq":
+        import rq
+        q = rq.Queue(connection=db)
+        for i in range(10):
+            q.enqueue("rq_jobs.work", i, "x" * 1000)
+        command = [PY, "/usr/bin/rq", "worker", "--url", redis_url, "--worker-class", "ebb.rq.SimpleWorker",
+                   "--quiet", "default"]
+        task_module = "rq_jobs"
+    else:
+        work = celery_task(redis_url)
+        for i in range(10):
+            work.delay(i, "x" * 1000)
+        command = [PY, "-m", "ebb.celery", "-A", "celery_app", "--workdir", APPS, "worker", "--pool=solo",
+                   "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"]
+        task_module = "celery_app"
+    env = dict(os.environ, EBB_TEST_REDIS=redis_url, PYTHONPATH=f"{APPS}:{PYTHON_DIR}")
+    out = tmp_path / "report.json"  # not the standard output: Celery prints its banner there
+    r = subprocess.run([ebb_bin, "imports", "--json", "--usage", "--tasks", "3", "-o", str(out), "--"] + command,
+                       env=env, cwd=APPS, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    done = len(db.lrange("done", 0, -1))
+    assert 3 <= done <= 4, done  # the report after the third, and the worker stops between tasks
+    names = set(names_of(report["tree"]))
+    assert task_module in names and kind in names
+    candidates = {c["name"] for c in report["lazy_candidates"]}
+    assert task_module not in candidates and kind not in candidates
+    assert report["counters"] == "libebb"
 
 
 @pytest.mark.parametrize("case", ["missing module", "not python", "not found", "no command", "bad min"])

@@ -394,3 +394,69 @@ def test_a_stuck_fork_server_blocks_nothing_and_is_replaced(zfleet, app_dir, ebb
     assert got[1]["pid"] != first["pid"] and got[1]["preloaded"]
     assert f.wait_for("ready", count=2)[1]["zygote"] != zygote
     assert f.stop() == 0
+
+
+# Preloaded: about 20 MB in bytes objects of many sizes; it says what it
+# keeps as Python counts it. The worker imports email.parser after the fork.
+PRELOADED = '''
+import sys
+KEEP = [bytes(200 + (i * 7919) % 4000) for i in range(9500)]
+KEPT = sum(sys.getsizeof(x) for x in KEEP) + sys.getsizeof(KEEP)
+'''
+AFTER = r'''
+import json, os, signal
+import email.parser
+import preloaded
+os.write(1, (json.dumps({"pid": os.getpid(), "kept": preloaded.KEPT}) + "\n").encode())
+signal.pause()
+'''
+
+
+def test_ps_fleet_imports_shows_the_preload_tree_and_each_workers_own(zfleet, app_dir, ebb_bin, tmp_path):
+    (app_dir / "preloaded.py").write_text(PRELOADED)
+    (app_dir / "after.py").write_text(AFTER)
+    sock = str(tmp_path / "st.sock")
+    f = zfleet(["-w", "2", "--preload", "preloaded", "--status-socket", sock, *FAST], [PY, "after.py"],
+               cwd=str(app_dir))
+    found = reports(f, 2)
+    kept = found[0]["kept"]
+    assert f.wait_for("ready")[0]["preload"]["imports"]["modules"] >= 1
+    time.sleep(0.5)
+    r = subprocess.run([ebb_bin, "ps", "--fleet", sock, "--imports", "--json"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    tree = j["imports"]["preload"]["tree"]
+    node = next(n for n in tree if n["name"] == "preloaded")
+    assert abs(node["live"] - kept) < 0.05 * kept, (node["live"], kept)
+    assert j["imports"]["preload"]["counters"] == "libebb"
+    for w in found:
+        lines = j["imports"]["workers"][str(w["pid"])]
+        names = [x["name"] for x in lines]
+        assert "email.parser" in names and "preloaded" not in names, names  # shared, not imported again
+        assert sum(x["modules"] for x in lines) >= 5 and sum(x["live"] for x in lines) > 100_000, lines
+    text = subprocess.run([ebb_bin, "ps", "--fleet", sock, "--imports"], capture_output=True, text=True,
+                          timeout=30, check=True).stdout
+    assert "Imported by the fork server before the fork, shared by every worker:" in text
+    assert any(line.rstrip().endswith(" preloaded  (ebb run --preload)") for line in text.splitlines()), text
+    rows = text[text.index("Imported by each worker after the fork"):].splitlines()[2:]
+    assert len(rows) == 2 and all("email" in row for row in rows), text
+    base = sock + ".imports"
+    assert os.path.exists(base + ".json") and os.path.exists(f"{base}.{found[0]['pid']}.jsonl")
+    assert f.stop() == 0
+    left = [p for p in os.listdir(tmp_path) if p.startswith("st.sock")]
+    assert left == [], left
+
+
+def test_ps_fleet_imports_needs_a_preload_fleet(zfleet, app_dir, ebb_bin, tmp_path):
+    sock = str(tmp_path / "st.sock")
+    f = zfleet(["--status-socket", sock, *FAST], [PY, "report.py"], env={"REPORT_WAIT": "1"}, cwd=str(app_dir))
+    reports(f, 1)
+    r = subprocess.run([ebb_bin, "ps", "--fleet", sock, "--imports"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.splitlines() == [
+        "ebb ps: this fleet has no fork server: the import trees need `ebb run --preload MODULES --status-socket "
+        "PATH` (or it is being restarted)"]
+    r = subprocess.run([ebb_bin, "ps", "--imports"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--imports goes with --fleet" in r.stderr
+    assert f.stop() == 0
