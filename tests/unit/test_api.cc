@@ -506,11 +506,11 @@ TEST(Counts, FollowLiveObjectsAndBytesSmallAndLarge) {
   EXPECT_GE(objects, 1010u);
   EXPECT_LE(objects, 1012u);
   const uint64_t bytes = during.live_bytes - before.live_bytes;
-  const uint64_t expected = 1000 * ebb::class_size(ebb::size_to_class(100)) + 10 * (1 << 20);
+  const uint64_t expected = 1000 * ebb::class_size(ebb::size_to_class(100)) + (uint64_t{10} << 20);
   EXPECT_GE(bytes, expected);
   EXPECT_LE(bytes, expected + 16384);
   EXPECT_GE(during.allocs_total - before.allocs_total, 1010u);
-  EXPECT_GE(during.requested_total - before.requested_total, 1000u * 100 + 10u * (1 << 20));
+  EXPECT_GE(during.requested_total - before.requested_total, uint64_t{1000} * 100 + (uint64_t{10} << 20));
   for (void* p : small) free(p);
   for (void* p : large) free(p);
   ASSERT_EQ(ebb_counts(&after, sizeof after), 0);
