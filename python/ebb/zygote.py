@@ -276,7 +276,8 @@ def _write_import_tree(opts):
         return None
     try:
         if _recorder is None:
-            with open(opts["imports"] + ".json", "w") as f:
+            fd = os.open(opts["imports"] + ".json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
                 f.write(json.dumps({"error": "libebb is not loaded, or ebb_counts() is missing"}))
             return None
         from ebb import imports
