@@ -13,7 +13,7 @@ With --then CODE (or --usage), modules none of whose functions ran are listed
 as candidates for a lazy import, with the bytes that would save at start.
 
 The measuring is done inside the measured process by
-ebb/_imports_boot/sitecustomize.py; this file renders its data (write()) and
+ebb/_imports_boot/sitecustomize.py; this file renders its data (text()) and
 is the command line of the first form (main()). docs/imports.md has more.
 """
 import json
@@ -259,15 +259,10 @@ def _short(at):
     return f"{path}:{line}"
 
 
-def write(data, out, fmt, min_bytes):
-    """Writes the report of the sitecustomize hook's `data` to `out` (text or json), 0600."""
+def text(data, fmt, min_bytes):
+    """The report of the sitecustomize hook's `data`, as JSON or text."""
     report = build(data)
-    text = json.dumps(report, indent=1) + "\n" if fmt == "json" else render(report, min_bytes)
-    tmp = f"{out}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, out)
+    return json.dumps(report, indent=1) + "\n" if fmt == "json" else render(report, min_bytes)
 
 
 def task_done():

@@ -371,7 +371,7 @@ class _Recorder:
                                                               os.path.join(os.path.dirname(here), "imports.py"))
                 report = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(report)
-                report.write(data, self.out, _OPTIONS["format"], _OPTIONS["min"])
+                _write_private(self.out, report.text(data, _OPTIONS["format"], _OPTIONS["min"]))
                 if stop_after:  # `ebb imports` waits for the exit, and SIGKILLs after 10 s
                     _write_private(self.out + ".stop", str(os.getpid()))
                     import signal
