@@ -35,15 +35,27 @@ void class_totals(AllTotals& t) {
   for (unsigned cls = kNumClasses; cls >= 1; cls--) g_bins[cls].lock.unlock();
 }
 
-uint64_t thread_cached_bytes() {
-  uint64_t bytes = 0;
+// What the threads' caches hold and have served, exited threads included.
+struct ThreadTotals {
+  uint64_t allocs = 0, requested = 0, cached_objects = 0, cached_bytes = 0;
+};
+
+ThreadTotals thread_totals() {
+  ThreadTotals t;
   LockGuard guard(g_tcache_lock);
-  for (ThreadCache* tc = g_tcaches; tc != nullptr; tc = tc->next)
+  t.allocs = g_counters.released_allocs.load(std::memory_order_relaxed);
+  t.requested = g_counters.released_bytes.load(std::memory_order_relaxed);
+  for (ThreadCache* tc = g_tcaches; tc != nullptr; tc = tc->next) {
+    t.allocs += __atomic_load_n(&tc->allocs, __ATOMIC_RELAXED);
+    t.requested += __atomic_load_n(&tc->alloc_bytes, __ATOMIC_RELAXED);
     for (unsigned cls = 1; cls <= kNumClasses; cls++) {
       const CacheBin& cb = tc->bins[cls];
-      bytes += uint64_t{cb.count_at(__atomic_load_n(&cb.top, __ATOMIC_RELAXED))} * class_size(cls);
+      const uint64_t n = cb.count_at(__atomic_load_n(&cb.top, __ATOMIC_RELAXED));
+      t.cached_objects += n;
+      t.cached_bytes += n * class_size(cls);
     }
-  return bytes;
+  }
+  return t;
 }
 
 }  // namespace
@@ -66,16 +78,10 @@ extern "C" __attribute__((visibility("default"))) int ebb_stats(ebb_stats_t* out
     small_out_bytes += totals[cls].out * class_size(cls);
     s.active_pages += totals[cls].resident_pages;
   }
-  {
-    LockGuard guard(g_tcache_lock);
-    s.allocs_total = g_counters.released_allocs.load(std::memory_order_relaxed);
-    s.requested_total = g_counters.released_bytes.load(std::memory_order_relaxed);
-    for (ThreadCache* tc = g_tcaches; tc != nullptr; tc = tc->next) {
-      s.allocs_total += __atomic_load_n(&tc->allocs, __ATOMIC_RELAXED);
-      s.requested_total += __atomic_load_n(&tc->alloc_bytes, __ATOMIC_RELAXED);
-    }
-  }
-  s.thread_cached_bytes = thread_cached_bytes();
+  const ThreadTotals threads = thread_totals();
+  s.allocs_total = threads.allocs;
+  s.requested_total = threads.requested;
+  s.thread_cached_bytes = threads.cached_bytes;
   s.large_live_bytes = g_counters.large_live.load(std::memory_order_relaxed);
   s.large_cached_bytes = g_counters.large_cached.load(std::memory_order_relaxed);
   uint64_t small_live = small_out_bytes > s.thread_cached_bytes ? small_out_bytes - s.thread_cached_bytes : 0;
@@ -100,22 +106,10 @@ extern "C" __attribute__((visibility("default"))) int ebb_counts(ebb_counts_t* o
   if (out == nullptr || size == 0) return -1;
   ensure_init();
   ebb_counts_t c{};
-  uint64_t cached_objects = 0, cached_bytes = 0;
-  {
-    LockGuard guard(g_tcache_lock);
-    c.allocs_total = g_counters.released_allocs.load(std::memory_order_relaxed);
-    c.requested_total = g_counters.released_bytes.load(std::memory_order_relaxed);
-    for (ThreadCache* tc = g_tcaches; tc != nullptr; tc = tc->next) {
-      c.allocs_total += __atomic_load_n(&tc->allocs, __ATOMIC_RELAXED);
-      c.requested_total += __atomic_load_n(&tc->alloc_bytes, __ATOMIC_RELAXED);
-      for (unsigned cls = 1; cls <= kNumClasses; cls++) {
-        const CacheBin& cb = tc->bins[cls];
-        const uint64_t n = cb.count_at(__atomic_load_n(&cb.top, __ATOMIC_RELAXED));
-        cached_objects += n;
-        cached_bytes += n * class_size(cls);
-      }
-    }
-  }
+  const ThreadTotals threads = thread_totals();
+  c.allocs_total = threads.allocs;
+  c.requested_total = threads.requested;
+  const uint64_t cached_objects = threads.cached_objects, cached_bytes = threads.cached_bytes;
   // The bins' counts without their locks: each is one word, and a count a
   // refill is changing at this moment is as good as the one after it.
   uint64_t out_objects = 0, out_bytes = 0;
