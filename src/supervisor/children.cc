@@ -40,6 +40,30 @@ void Fleet::discover_children(const proc::ChildMap& children) {
   }
 }
 
+// The master exited (crashed, or stopped at shutdown) and left children
+// behind: as a subreaper, ebb is now their parent. Nobody else will stop
+// them, and a shutdown would wait for them forever: each gets the stop
+// signal and the grace, as in a recycle. Only ebb's own children are
+// signalled, so a pid the dead master had already reaped and the kernel
+// gave to another process is never hit.
+void Fleet::stop_orphaned_children(const std::string& reason) {
+  auto mine = proc::children_by_parent();
+  auto range = mine.equal_range(getpid());
+  for (auto c = range.first; c != range.second; ++c) {
+    pid_t pid = c->second;
+    if (pid == handover_.to || std::any_of(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.pid == pid; }))
+      continue;
+    auto it = workers_.find(pid);
+    Worker& w = it != workers_.end() ? it->second : add_worker(next_child_id_++, pid);  // forked as it died
+    if (w.stopping) continue;
+    log_.event(
+        "orphan",
+        fmt_worker(w.id, pid) + " outlived its master: " + signame(o_.stop_signal) + ", grace " + seconds(o_.grace_s),
+        {{"worker", w.id}, {"pid", pid}, {"reason", reason}});
+    stop(w, reason);
+  }
+}
+
 // The policy would recycle a child, but no signal is known that lets it
 // finish its work first (master.h): stopping it could lose what it is doing.
 // Said once per child; trims go on.

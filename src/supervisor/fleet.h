@@ -112,6 +112,7 @@ class Fleet {
   void stop_new_master(pid_t pid, const std::string& reason);
   bool drain_handed_over(pid_t old_master);
   void stop_stray(pid_t pid, const std::string& reason);
+  void stop_orphaned_children(const std::string& reason);  // children.cc
   // gunicorn's USR2: the old master forks a new one, which takes over once
   // its workers have run for --min-uptime; `from` is stopped then, and `to`
   // becomes the slot's.

@@ -75,20 +75,27 @@ bool successor_of(pid_t pid, pid_t old_master) {
 
 namespace {
 
-std::string cmdline(pid_t pid) {
+// The process title: /proc/PID/cmdline without the NULs setproctitle()
+// leaves after it (as many as the environment it wrote over was long).
+std::string title(pid_t pid) {
   std::string s;
   if (FILE* f = fopen(("/proc/" + std::to_string(pid) + "/cmdline").c_str(), "re")) {
     for (int c; (c = fgetc(f)) != EOF;) s.push_back(static_cast<char>(c));
     fclose(f);
   }
+  while (!s.empty() && s.back() == '\0') s.pop_back();
   return s;
 }
 
-// After setproctitle() the new master's title is the old one's ("gunicorn:
-// master [app]"), where its workers' read "gunicorn: worker [app]".
+// Without setproctitle, the new master's command line is the old one's.
+// With it, gunicorn titles the new master as the old one plus ".2" ("gunicorn:
+// master [app]" becomes "gunicorn: master [app.2]", arbiter.py start()),
+// where its workers read "gunicorn: worker [app]".
 bool titled_like(pid_t pid, pid_t old_master) {
-  const std::string a = cmdline(pid);
-  return !a.empty() && a == cmdline(old_master);
+  const std::string a = title(pid), b = title(old_master);
+  if (a.empty() || b.empty()) return false;
+  if (a == b) return true;
+  return b.back() == ']' && a == b.substr(0, b.size() - 1) + ".2]";
 }
 
 }  // namespace

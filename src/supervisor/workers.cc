@@ -228,6 +228,8 @@ void Fleet::on_exit(pid_t pid, int status) {
   else
     f["signal"] = WTERMSIG(status);
   auto slot = std::find_if(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.pid == pid; });
+  if (o_.children && slot == slots_.begin() && slot != slots_.end())
+    stop_orphaned_children(shutting_down_ ? "shutdown" : "master exited");
   if (w.stopping) {
     f["reason"] = w.stop_reason;
     if (w.killed) f["killed"] = true;

@@ -231,6 +231,43 @@ while True:
     assert f.stop() == 0
 
 
+def test_children_a_dead_master_leaves_are_stopped(fleet, tmp_path):  # noqa: F811
+    """A master that dies without stopping its children (killed, or exiting at
+    once on SIGTERM): ebb, their parent now, stops each with the stop signal,
+    restarts the master when it crashed, and a shutdown ends within the grace
+    instead of waiting for children nobody stops."""
+    master = tmp_path / "master.py"
+    master.write_text("""
+import os, signal, sys, time
+def child():
+    signal.signal(signal.SIGUSR2, lambda *a: sys.exit(0))  # its graceful stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # not this one: the test sees which came
+    while True:
+        time.sleep(0.05)
+signal.signal(signal.SIGTERM, lambda *a: os._exit(0))  # leaves its children behind
+for _ in range(2):
+    if os.fork() == 0:
+        child()
+while True:
+    time.sleep(1)
+""")
+    f = fleet(["--children", "--stop-signal", "USR2", "--grace", "20s", *FAST], [], command=[PY, str(master)])
+    first = f.wait_for("adopt", count=2)
+    old = [e["pid"] for e in first]
+    master_pid = f.of("start")[0]["pid"]
+    os.kill(master_pid, signal.SIGKILL)
+    orphans = f.wait_for("orphan", count=2, reason="master exited")
+    assert sorted(e["pid"] for e in orphans) == sorted(old)
+    f.wait_for("adopt", count=4)  # the restarted master's children
+    for pid in old:
+        f.wait_for("exit", pid=pid)
+    started = time.monotonic()
+    assert f.stop(timeout=15) == 0, "".join(f.raw)
+    assert time.monotonic() - started < 10, "".join(f.raw)
+    assert len(f.of("orphan", reason="shutdown")) == 2, "".join(f.raw)
+    assert not f.of("kill"), "".join(f.raw)
+
+
 def gunicorn_port(f, timeout=30):
     """The port a gunicorn master under the fleet `f` bound (it logs it)."""
     deadline = time.monotonic() + timeout

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 LEAKER = str(Path(__file__).resolve().parent / "workers" / "leaker.py")
@@ -97,10 +98,22 @@ def fleet(ebb_bin, ebb_lib):
         return f
 
     yield start
+    # A test that failed left its fleet running: SIGKILL to ebb alone would
+    # leave its workers (and a gunicorn master's successor) running on into
+    # the next tests, so all of ebb's descendants go with it.
     for f in started:
         if f.proc.poll() is None:
+            try:
+                left = psutil.Process(f.proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                left = []
             f.proc.kill()
             f.proc.wait()
+            for p in left:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
 
 
 FAST = ["--interval", "0.2s", "--min-uptime", "1s"]
